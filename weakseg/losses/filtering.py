@@ -31,9 +31,10 @@ from torch import Tensor
 BACKENDS = ("auto", "dense", "permutohedral")
 
 # Largest per-image pixel count for which `backend="auto"` picks the exact
-# dense filter. Placeholder until the permutohedral backend's crossover is
-# measured (a 224×224 input at stride 4 gives 56×56 = 3136 pixels).
-AUTO_DENSE_MAX_PIXELS = 4096
+# dense filter: the measured crossover on a 2-core CPU (benchmarks/bench_filtering.py)
+# is 576 pixels for forward + backward and 784 for forward alone. A 224×224 input
+# at stride 4 gives 56×56 = 3136 pixels, where the lattice is ~10× faster.
+AUTO_DENSE_MAX_PIXELS = 640
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
