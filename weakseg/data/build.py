@@ -186,4 +186,6 @@ def train_loader(ds: Dataset, cfg: Config, start: int, stop: int, opts: LoaderOp
 
 def eval_loader(ds: Dataset, opts: LoaderOptions) -> DataLoader:
     """One image per batch: evaluation runs at each image's own size."""
-    return DataLoader(ds, batch_size=1, shuffle=False, num_workers=opts.workers, pin_memory=opts.pin_memory)
+    # persistent: the same loader serves every evaluation of a run, so its workers are started once
+    return DataLoader(ds, batch_size=1, shuffle=False, num_workers=opts.workers, pin_memory=opts.pin_memory,
+                      persistent_workers=opts.workers > 0)

@@ -1,0 +1,194 @@
+"""Training and evaluation loops: exact resume, the paper's schedule, evaluation at native size, failures."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from weakseg.checkpoint import load_checkpoint, load_model, save_checkpoint
+from weakseg.config import load_config
+from weakseg.data import build
+from weakseg.data.classes import IGNORE_INDEX
+from weakseg.engine import TrainingDiverged, evaluate, fit, make_optimizer
+from weakseg.errors import UserError
+from weakseg.losses.objective import full_loss, lam_at
+from weakseg.model import SegNet
+
+
+def cfg_with(overrides, *more):
+    return load_config("demo", overrides + list(more))
+
+
+def test_resume_continues_exactly(tmp_path: Path, tiny_overrides):
+    """6 iterations straight == 3 iterations, stop, resume for 3 more: same weights and momentum."""
+    cfg = cfg_with(tiny_overrides, "optim.iterations=6", "train.eval_every=3", "optim.lr_step=4",
+                   "data.train_mode=scale_crop", "data.scale_min=0.7", "data.scale_max=1.3")
+    straight = fit(cfg, tmp_path / "a")
+    half = cfg_with(tiny_overrides, "optim.iterations=3", "train.eval_every=3", "optim.lr_step=4",
+                    "data.train_mode=scale_crop", "data.scale_min=0.7", "data.scale_max=1.3")
+    fit(half, tmp_path / "b")
+    resumed = fit(cfg, tmp_path / "b", resume_from=tmp_path / "b" / "checkpoints" / "last.pt")
+    assert straight.iteration == resumed.iteration == 6
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for k in sa:
+        torch.testing.assert_close(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"], rtol=0, atol=0)
+    # the history file has one row per evaluation, also across the resume
+    rows = (tmp_path / "b" / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[1].count(",") == rows[2].count(",")
+
+
+def test_lr_schedule_and_groups_follow_section_5_3(tiny_overrides):
+    """lr halves every lr_step iterations; pretrained layers get lr_pretrained, new ones lr_new."""
+    cfg = cfg_with(tiny_overrides, "optim.lr_pretrained=0.001", "optim.lr_new=0.01", "optim.lr_step=5")
+    model = SegNet("tiny", 21, 16, 4)
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.optim.lr_step, gamma=cfg.optim.lr_gamma)
+    for t in range(17):
+        expected = [0.001 * 0.5 ** (t // 5), 0.01 * 0.5 ** (t // 5)]
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx(expected)
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["weight_decay"] == 5e-5
+
+
+def test_lambda_warmup():
+    cfg = load_config("demo", ["loss.lam=0.5", "loss.lam_warmup=10"]).loss
+    assert [lam_at(cfg, t) for t in (0, 5, 10, 50)] == [0.0, 0.25, 0.5, 0.5]
+    assert lam_at(load_config("demo", ["loss.lam=0.5"]).loss, 0) == 0.5  # the paper: constant λ
+    assert lam_at(load_config("demo", ["loss.variant=none"]).loss, 100) == 0.0
+
+
+class Constant(nn.Module):
+    """A 'model' whose stride-4 logits say class `c` everywhere."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.c = c
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, image):
+        B, _, H, W = image.shape
+        out = torch.full((B, 21, math.ceil(H / 4), math.ceil(W / 4)), -10.0)
+        out[:, self.c] = 10.0
+        return out + self.dummy
+
+
+def test_evaluate_against_hand_computed_iou(synth_root: Path):
+    """Predicting background everywhere: IoU_bg = #bg / #labelled pixels; every object class scores 0."""
+    ds = build.eval_dataset(load_config("demo", [f"data.root={synth_root}"]), split="val", root=synth_root)
+    loader = build.eval_loader(ds, build.LoaderOptions(workers=0, pin_memory=False))
+    res = evaluate(Constant(0), loader, torch.device("cpu"), 21, boundary=False)
+    masks = [np.asarray(Image.open(p)) for p in ds.mask_paths]
+    bg = sum(int((m == 0).sum()) for m in masks)
+    labelled = sum(int((m != IGNORE_INDEX).sum()) for m in masks)
+    present = sorted({int(v) for m in masks for v in np.unique(m) if v != IGNORE_INDEX})
+    assert res.metrics.iou[0] == pytest.approx(bg / labelled)
+    for c in present[1:]:
+        assert res.metrics.iou[c] == 0.0
+    absent = [c for c in range(21) if c not in present]
+    assert all(math.isnan(res.metrics.iou[c]) for c in absent)
+    assert res.metrics.miou == pytest.approx(bg / labelled / len(present))
+    assert res.images == len(ds)
+
+
+def test_predictions_are_upsampled_to_each_images_size(synth_root: Path):
+    ds = build.eval_dataset(load_config("demo", [f"data.root={synth_root}"]), split="val", root=synth_root)
+    sizes = {tuple(ds[i]["image"].shape[-2:]) for i in range(len(ds))}
+    assert any(h % 4 or w % 4 for h, w in sizes), "fixture should include sizes that are not multiples of 4"
+    loader = build.eval_loader(ds, build.LoaderOptions(workers=0, pin_memory=False))
+    res = evaluate(Constant(0), loader, torch.device("cpu"), 21, boundary=True, overlays=len(ds))
+    for (img, pred, gt), i in zip(res.overlays, range(len(ds))):
+        assert pred.shape == gt.shape == img.shape[:2] == tuple(ds[i]["image"].shape[-2:])
+
+
+def test_full_supervision_loss_is_cross_entropy_at_input_size():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 21, 5, 7)
+    mask = torch.randint(0, 21, (2, 18, 27))
+    mask[0, :3] = IGNORE_INDEX
+    up = F.interpolate(logits, size=(18, 27), mode="bilinear", align_corners=False)
+    logp = up.log_softmax(1)
+    keep = mask != IGNORE_INDEX
+    picked = logp.permute(0, 2, 3, 1)[keep]  # (n, 21)
+    expected = -picked[torch.arange(picked.shape[0]), mask[keep]].mean()
+    torch.testing.assert_close(full_loss(logits, mask).total, expected)
+    all_void = torch.full((2, 18, 27), IGNORE_INDEX)
+    assert float(full_loss(logits, all_void).total) == 0.0
+
+
+def test_divergence_stops_with_a_clear_reason_and_no_nan_checkpoint(tmp_path: Path, tiny_overrides):
+    cfg = cfg_with(tiny_overrides, "optim.iterations=6", "train.eval_every=2", "train.log_every=1",
+                   "optim.lr_new=1e12", "optim.lr_pretrained=1e12", "optim.momentum=0.0")
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        fit(cfg, tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    if last.exists():  # a checkpoint written before the divergence holds finite weights only
+        state = load_checkpoint(last)
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_checkpoints_describe_themselves_and_reject_bad_files(tmp_path: Path, tiny_overrides):
+    cfg = cfg_with(tiny_overrides)
+    model = SegNet("tiny", 21, 16, 4)
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, cfg=cfg, model=model, iteration=7)
+    loaded, cfg2, state = load_model(path)
+    assert cfg2 == cfg and state["iteration"] == 7
+    torch.testing.assert_close(loaded.classifier.weight, model.classifier.weight)
+
+    other = load_config("demo", tiny_overrides + ["model.decoder_channels=32"])
+    save_checkpoint(tmp_path / "other.pt", cfg=other, model=SegNet("tiny", 21, 32, 4), iteration=1)
+    from weakseg.checkpoint import load_weights
+
+    with pytest.raises(UserError, match="does not fit this model config: shape mismatch"):
+        load_weights(model, load_checkpoint(tmp_path / "other.pt"), tmp_path / "other.pt")
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated.pt is truncated or not a PyTorch file"):
+        load_checkpoint(truncated)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(UserError, match="not a weakseg checkpoint"):
+        load_checkpoint(plain)
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "weakseg", *args], capture_output=True, text=True, timeout=600,
+                          cwd=cwd)
+
+
+@pytest.mark.slow
+def test_cli_train_resume_evaluate(tmp_path: Path, tiny_overrides):
+    sets = [x for o in tiny_overrides + ["optim.iterations=4", "train.eval_every=2"] for x in ("--set", o)]
+    out = tmp_path / "run"
+    r = run_cli("train", "demo", *sets, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "checkpoints" / "best.pt").is_file() and (out / "config.yaml").is_file()
+    assert (out / "eval" / "classes.md").is_file() and (out / "eval" / "confusion.png").is_file()
+
+    again = run_cli("train", "demo", *sets, "--out", str(out))
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+
+    longer = [x for o in tiny_overrides + ["optim.iterations=6", "train.eval_every=2"] for x in ("--set", o)]
+    r = run_cli("train", "demo", *longer, "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 6
+
+    changed = run_cli("train", "demo", *longer, "--set", "loss.lam=0.9", "--out", str(out), "--resume")
+    assert changed.returncode == 2 and "loss.lam" in changed.stderr
+
+    r = run_cli("evaluate", str(out / "checkpoints" / "best.pt"), "--workers", "0", "--out", str(tmp_path / "ev"))
+    assert r.returncode == 0, r.stderr
+    assert "background" in r.stdout and (tmp_path / "ev" / "classes.csv").is_file()
+    assert (tmp_path / "ev" / "metrics.json").is_file()

@@ -1,0 +1,96 @@
+"""The training objective of eq. 18, written as a loss to minimise.
+
+    L = L_class + λ · L_neighb,
+    L_class  = −mean_j Σ_l q_j(l) log p_j(l)      (eq. 4, q from the adaptive prior, eq. 5–7)
+    L_neighb = mean_j KL(p_j ‖ p̄_j)               (eq. 8, p̄ from eq. 10 or 12)
+
+The paper writes eq. 18 as a quantity to maximise (E_q log p − λ KL); this is
+its negative. With `supervision=full` the same network is trained with plain
+cross-entropy on the pixel masks: the upper bound weak results are compared with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from weakseg.config import LossConfig
+from weakseg.data.classes import IGNORE_INDEX
+from weakseg.losses.neighborhood import neighborhood_loss
+from weakseg.losses.prior import pixel_label_targets
+from weakseg.model import OUTPUT_STRIDE
+
+
+@dataclass
+class LossParts:
+    total: Tensor  # scalar, what backward() is called on
+    cls: Tensor  # scalar, L_class (or the full-supervision cross-entropy)
+    neighb: Tensor  # scalar, KL term before λ (0 when off)
+    lam: float  # λ used at this step (after warm-up)
+
+
+def lam_at(cfg: LossConfig, iteration: int) -> float:
+    """λ at a given iteration: linear warm-up over `lam_warmup` iterations, then constant."""
+    if cfg.variant == "none":
+        return 0.0
+    if cfg.lam_warmup <= 0:
+        return cfg.lam
+    return cfg.lam * min(1.0, iteration / cfg.lam_warmup)
+
+
+def valid_on_grid(valid: Tensor | None, size: tuple[int, int]) -> Tensor | None:
+    """Input-resolution validity (B, H, W) -> output grid (B, h, w): a cell counts if mostly real."""
+    if valid is None:
+        return None
+    frac = F.adaptive_avg_pool2d(valid[:, None].float(), size) if valid.shape[-2:] != size else valid[:, None].float()
+    return frac[:, 0] > 0.5
+
+
+def weak_loss(
+    logits: Tensor, labels: Tensor, image: Tensor, cfg: LossConfig, lam: float, valid: Tensor | None = None
+) -> LossParts:
+    """logits (B, C, h, w), labels (B, C) in {0,1}, image (B, 3, H, W) 0–255, valid (B, H, W) bool or None."""
+    logits = logits.float()  # the losses always run in float32, also under AMP
+    log_p = F.log_softmax(logits, dim=1)  # (B, C, h, w)
+    p = log_p.exp()
+    grid_valid = valid_on_grid(valid, tuple(logits.shape[-2:]))
+    q = pixel_label_targets(p.detach(), labels, c_bg=cfg.c_bg, c_fg=cfg.c_fg, valid=grid_valid)  # (B, C, h, w)
+    ce = -(q * log_p).sum(dim=1)  # (B, h, w)
+    if grid_valid is not None:
+        w = grid_valid.to(ce.dtype)
+        cls = (ce * w).sum() / w.sum().clamp(min=1.0)  # no boolean indexing: no host sync
+    else:
+        cls = ce.mean()
+    if lam > 0 and cfg.variant != "none":
+        neighb = neighborhood_loss(
+            p,
+            image,
+            variant=cfg.variant,
+            w1=cfg.w1,
+            theta_alpha=cfg.theta_alpha,
+            theta_beta=cfg.theta_beta,
+            w2=cfg.w2,
+            theta_gamma=cfg.theta_gamma,
+            stride=OUTPUT_STRIDE,
+            backend=cfg.backend,
+            grad=cfg.grad,
+            log_probs=log_p,
+            valid=grid_valid,
+        )
+        total = cls + lam * neighb
+    else:
+        neighb = torch.zeros((), device=logits.device)
+        total = cls
+    return LossParts(total=total, cls=cls, neighb=neighb, lam=lam)
+
+
+def full_loss(logits: Tensor, mask: Tensor) -> LossParts:
+    """Fully supervised upper bound: cross-entropy of the upsampled logits against the mask (255 ignored)."""
+    up = F.interpolate(logits.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)
+    # sum / count rather than "mean": a crop that is all void gives 0, not NaN
+    ce = F.cross_entropy(up, mask, ignore_index=IGNORE_INDEX, reduction="sum")
+    cls = ce / (mask != IGNORE_INDEX).sum().clamp(min=1)
+    return LossParts(total=cls, cls=cls, neighb=torch.zeros((), device=logits.device), lam=0.0)
