@@ -92,3 +92,17 @@ def test_resolved_config_round_trips(tmp_path: Path):
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again == cfg
     assert not list(tmp_path.glob(".*tmp"))  # atomic write left nothing behind
+
+
+def test_on_off_switches_survive_yaml_booleans():
+    """YAML 1.1 reads `off` as False; the on/off/auto keys still get their string value."""
+    cfg = load_config("demo", ["train.amp=off", "train.channels_last=on"])
+    assert (cfg.train.amp, cfg.train.channels_last) == ("off", "on")
+
+
+def test_scientific_notation_without_a_dot_is_a_number():
+    """YAML 1.1 reads 1e-3 as a string; --set optim.lr_new=1e-3 must still mean 0.001."""
+    cfg = load_config("demo", ["optim.lr_new=1e-3", "optim.iterations=2e3"])
+    assert cfg.optim.lr_new == 0.001 and cfg.optim.iterations == 2000
+    with pytest.raises(UserError, match="optim.lr_new: expected a number, got 'fast'"):
+        load_config("demo", ["optim.lr_new=fast"])

@@ -342,9 +342,16 @@ def _coerce(key: str, value: Any, tp: Any, origin: str) -> Any:
         return _coerce(key, value, args[0], origin)
     if origin_t is Literal:
         allowed = get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in allowed:
             raise bad("one of " + ", ".join(repr(a) for a in allowed))
         return value
+    if isinstance(value, str) and tp in (int, float):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string; users write it that way
+            value = float(value)
+        except ValueError:
+            pass
     if tp is bool:
         if not isinstance(value, bool):
             raise bad("true or false")

@@ -1,0 +1,178 @@
+"""`weakseg search` end to end on a local Ray: MLflow structure, results, resume after SIGKILL, fail-fast."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from weakseg.data.classes import VOC_CLASSES
+
+pytestmark = pytest.mark.slow
+
+TRIAL = {
+    "model.backbone": "tiny",
+    "model.pretrained": "none",
+    "model.decoder_channels": 16,
+    "model.skip_channels": 4,
+    "data.dataset": "synthetic",
+    "data.workers": 0,
+    "data.crop_size": 64,
+    "data.val_limit": 3,
+    "optim.batch_size": 4,
+    "train.device": "cpu",
+    "train.overlays": 1,
+    "train.progress": "off",
+}
+
+
+def make_space(tmp_path: Path, synth_root: Path, name: str, *, samples: int, iterations: int, eval_every: int,
+               scheduler=None, resources=None, concurrent: int = 2) -> Path:
+    space = {
+        "name": name,
+        "base": "demo",
+        "fixed": {**TRIAL, "data.root": str(synth_root), "optim.iterations": iterations,
+                  "train.eval_every": eval_every, "train.log_every": 1},
+        "params": {"loss.variant": {"choice": ["exp", "mean"]}, "loss.lam": {"uniform": [0.0, 1.0]}},
+        "settings": {
+            "samples": samples,
+            "scheduler": scheduler or "none",
+            "max_concurrent": concurrent,
+            "resources": resources or {"cpu": 1, "gpu": 0},
+            "max_failures": 1,
+            "storage_path": str(tmp_path / "results" / "ray"),
+            "results_dir": str(tmp_path / "results"),
+        },
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def search_env(tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env["HOME"] = str(tmp_path / "home")  # Ray's token file and caches stay inside the test
+    # Ray's Unix sockets live under RAY_TMPDIR, and AF_UNIX paths must stay under 108 bytes
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="wsr", dir="/tmp")
+    env.pop("RAY_ADDRESS", None)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def runs_of(tmp_path: Path, name: str):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("weakseg.role") == "search"]
+    children = [r for r in runs if r.data.tags.get("weakseg.role") == "trial"]
+    return client, parents, children
+
+
+def test_search_logs_parent_and_children_with_per_class_metrics(tmp_path: Path, synth_root: Path):
+    space = make_space(tmp_path, synth_root, "t1", samples=3, iterations=4, eval_every=2)
+    r = subprocess.run([sys.executable, "-m", "weakseg", "search", str(space)], capture_output=True, text=True,
+                       timeout=600, env=search_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "MLflow UI:" in r.stdout and "results:" in r.stdout
+
+    client, parents, children = runs_of(tmp_path, "t1")
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert len({c.data.tags["weakseg.trial_id"] for c in children}) == 3
+    for c in children:
+        assert c.info.status == "FINISHED" and c.data.tags["weakseg.outcome"] == "completed"
+        assert c.data.params["loss.variant"] in ("exp", "mean") and 0 <= float(c.data.params["loss.lam"]) <= 1
+        assert c.data.params["optim.iterations"] == "4"
+        for cls in VOC_CLASSES:  # all 21 classes, NaN where a class never occurs
+            assert f"val/iou/{cls}" in c.data.metrics
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "val/miou")] == [2, 4]
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")] == [1, 2, 3, 4]
+        arts = {a.path for a in client.list_artifacts(c.info.run_id, "eval")}
+        assert {"eval/classes.md", "eval/confusion.png"} <= arts
+    assert "best/val/miou" in parent.data.metrics
+    assert "weakseg.checkpoint" in parent.data.tags
+
+    out = tmp_path / "results" / "t1"
+    rows = (out / "trials.csv").read_text().strip().splitlines()
+    assert len(rows) == 4  # header + 3 trials
+    best = json.loads((out / "search.json").read_text())
+    values = sorted((float(c.data.metrics["val/miou"]) for c in children), reverse=True)
+    assert best["best_value"] == pytest.approx(max(values))  # the table's best is MLflow's best
+    cfg = yaml.safe_load((out / "best_config.yaml").read_text())
+    assert cfg["optim"]["iterations"] == 4 and cfg["model"]["backbone"] == "tiny"
+    assert (Path(best["best_checkpoint"]) / "checkpoint.pt").is_file()
+    assert (out / "metric_vs_lambda.png").stat().st_size > 1000 and (out / "best_iou.png").is_file()
+
+
+def test_resume_after_driver_sigkill(tmp_path: Path, synth_root: Path):
+    """Kill -9 the driver mid-search; --resume finishes every trial; one MLflow run per trial; none RUNNING."""
+    space = make_space(tmp_path, synth_root, "t2", samples=4, iterations=8, eval_every=2, concurrent=1)
+    env = search_env(tmp_path)
+    cmd = [sys.executable, "-m", "weakseg", "search", str(space)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    exp_dir = tmp_path / "results" / "ray" / "t2"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # wait until the second trial has a checkpoint
+            if len(list(exp_dir.glob("run_trial_*/checkpoint_*"))) >= 1 + 4:
+                break
+            assert proc.poll() is None, "the search ended before it could be interrupted"
+            time.sleep(0.5)
+        else:
+            pytest.fail("no checkpoint appeared in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    time.sleep(2)
+
+    _, _, before = runs_of(tmp_path, "t2")
+    assert any(c.info.status == "RUNNING" for c in before)  # the kill really left a trial running
+
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _, parents, children = runs_of(tmp_path, "t2")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert not [c for c in children if c.info.status == "RUNNING"]
+    # A trial the killed driver had started but not yet saved in its experiment state does not exist for
+    # the resumed search (Tune and Optuna restore the same snapshot); its run is closed as abandoned.
+    abandoned = [c for c in children if c.data.tags.get("weakseg.outcome") == "abandoned"]
+    assert all(c.info.status == "KILLED" for c in abandoned)
+    live = [c for c in children if c not in abandoned]
+    ids = [c.data.tags["weakseg.trial_id"] for c in live]
+    assert len(ids) == len(set(ids)) == 4  # every trial exactly once
+    assert all(c.info.status == "FINISHED" for c in live)
+    table = (tmp_path / "results" / "t2" / "trials.csv").read_text().strip().splitlines()[1:]
+    assert {row.split(",")[1] for row in table} == set(ids)
+    # every trial trained to the end, the interrupted one from its checkpoint
+    assert all(row.split(",")[3] == "8" for row in table)
+    summary = json.loads((tmp_path / "results" / "t2" / "search.json").read_text())
+    assert summary["trials"] == 4
+    # Optuna's history survived: 4 trials told COMPLETE, none left running, none duplicated
+    state = sorted(exp_dir.glob("searcher-state-*.pkl"))[-1]
+    searcher = pickle.loads(state.read_bytes())
+    study = searcher["_ot_study"] if isinstance(searcher, dict) else searcher._ot_study
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 4 and len(states) == 4, states
+
+
+def test_gpu_trials_on_a_cluster_without_gpus_fail_fast(tmp_path: Path, synth_root: Path):
+    space = make_space(tmp_path, synth_root, "t3", samples=2, iterations=2, eval_every=2,
+                       resources={"cpu": 1, "gpu": 1})
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "weakseg", "search", str(space)], capture_output=True, text=True,
+                       timeout=300, env=search_env(tmp_path))
+    assert r.returncode == 2
+    assert "gpu: 1" in r.stderr and "PENDING forever" in r.stderr and "Traceback" not in r.stderr
+    assert time.time() - t0 < 120
+    assert not (tmp_path / "results" / "ray" / "t3").exists()

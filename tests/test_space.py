@@ -1,0 +1,146 @@
+"""Search-space files are validated before anything starts; every error names the file, line and key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from weakseg.errors import UserError
+from weakseg.search.space import load_space
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = """\
+name: t
+base: demo
+fixed:
+  data.root: ../data
+params:
+  loss.variant: {choice: [exp, mean, none]}
+  loss.lam: {uniform: [0.0, 1.0]}
+  loss.theta_alpha: {loguniform: [3, 60]}
+  optim.batch_size: {int: [4, 16], step: 4}
+  loss.w2: {uniform: [0, 10], when: {loss.variant: [exp, mean]}}
+settings:
+  samples: 3
+  scheduler: {type: asha, grace: 100, max_t: 400}
+  resources: {cpu: 1, gpu: 0.5}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    d = tmp_path / "spaces"
+    d.mkdir(exist_ok=True)
+    p = d / "space.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_good_space_parses_with_resolved_paths(tmp_path: Path):
+    space = load_space(write(tmp_path, GOOD))
+    assert [p.key for p in space.params] == ["loss.variant", "loss.lam", "loss.theta_alpha", "optim.batch_size",
+                                             "loss.w2"]
+    assert space.fixed["data.root"].base_dir == tmp_path / "spaces"
+    assert space.base_config.data.root == str(tmp_path / "data")
+    assert space.settings.resources.gpu == 0.5 and space.settings.scheduler.max_t == 400
+    assert Path(space.settings.storage_path) == (tmp_path / "results" / "ray")
+    assert space.tracking_uri == f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+
+
+def test_conditional_parameters_follow_when(tmp_path: Path):
+    """Define-by-run: loss.w2 is sampled only when the variant is exp or mean."""
+    space = load_space(write(tmp_path, GOOD))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {"exp": 0, "mean": 0, "none": 0}
+    for _ in range(40):
+        t = study.ask()
+        space.optuna_space()(t)
+        v = t.params["loss.variant"]
+        seen[v] += 1
+        assert ("loss.w2" in t.params) == (v != "none")
+        assert t.params["optim.batch_size"] in (4, 8, 12, 16)
+        assert 3 <= t.params["loss.theta_alpha"] <= 60
+        study.tell(t, 0.0)
+    assert all(seen.values())
+    cfg = space.trial_config({"loss.variant": "mean", "loss.lam": 0.25, "loss.w2": 7.0})
+    assert (cfg.loss.variant, cfg.loss.lam, cfg.loss.w2) == ("mean", 0.25, 7.0)
+
+
+@pytest.mark.parametrize(
+    "old,new,pattern",
+    [
+        ("  loss.lam: {uniform: [0.0, 1.0]}", "  loss.lamda: {uniform: [0.0, 1.0]}",
+         r"space.yaml:7: params.loss.lamda: not a training-config key \(did you mean 'loss.lam'\?\)"),
+        ("  loss.lam: {uniform: [0.0, 1.0]}", "  loss.lam: {uniform: [1.0, 0.0]}",
+         r"space.yaml:7: params.loss.lam.uniform: low \(1.0\) must be below high"),
+        ("  loss.lam: {uniform: [0.0, 1.0]}", "  loss.lam: {uniform: [-1.0, 1.0]}",
+         r"space.yaml:7: params.loss.lam: value -1.0 is invalid: must be >= 0"),
+        ("  loss.theta_alpha: {loguniform: [3, 60]}", "  loss.theta_alpha: {loguniform: [0, 60]}",
+         r"space.yaml:8: params.loss.theta_alpha.loguniform: low must be > 0"),
+        ("  loss.variant: {choice: [exp, mean, none]}", "  loss.variant: {choice: [exp, gauss]}",
+         r"params.loss.variant.choice: 'gauss' is not one of"),
+        ("  loss.variant: {choice: [exp, mean, none]}", "  loss.variant: {uniform: [0, 1]}",
+         r"params.loss.variant: uniform needs a numeric key"),
+        ("  optim.batch_size: {int: [4, 16], step: 4}", "  optim.batch_size: {uniform: [4, 16]}",
+         r"optim.batch_size is an integer: use \{int: \[low, high\]\}"),
+        ("  loss.lam: {uniform: [0.0, 1.0]}", "  loss.lam: {uniform: [0.0, one]}",
+         r"params.loss.lam.uniform: must be \[low, high\] with two numbers"),
+        ("  loss.lam: {uniform: [0.0, 1.0]}", "  loss.lam: {unifrom: [0.0, 1.0]}",
+         r"params.loss.lam.unifrom: unknown option \(did you mean 'uniform'\?\)"),
+        ("  loss.w2: {uniform: [0, 10], when: {loss.variant: [exp, mean]}}",
+         "  loss.w2: {uniform: [0, 10], when: {loss.varaint: [exp]}}",
+         r"params.loss.w2.when.loss.varaint: must name a parameter listed above"),
+        ("  samples: 3", "  samples: 0", r"space.yaml:12: settings.samples: must be an integer >= 1"),
+        ("  samples: 3", "  sample: 3", r"settings.sample: unknown setting \(did you mean 'samples'\?\)"),
+        ("  resources: {cpu: 1, gpu: 0.5}", "  resources: {cpu: 1, gpu: 1.5}",
+         r"settings.resources.gpu: must be 0, a fraction"),
+        ("  resources: {cpu: 1, gpu: 0.5}", "  resources: {cpu: 1, gpus: 1}",
+         r"settings.resources.gpus: unknown resource"),
+        ("  scheduler: {type: asha, grace: 100, max_t: 400}", "  scheduler: {type: asha, grace: 500, max_t: 400}",
+         r"settings.scheduler.grace: must lie in \(0, max_t=400\)"),
+        ("  scheduler: {type: asha, grace: 100, max_t: 400}", "  scheduler: {type: asha, grace: 100, max_t: 99999}",
+         r"settings.scheduler.max_t: 99999 exceeds optim.iterations"),
+        ("  data.root: ../data", "  data.rot: ../data", r"space.yaml:4: fixed.data.rot: not a training-config key"),
+        ("  data.root: ../data", "  loss.c_bg: -3", r"space.yaml:4: loss.c_bg: must lie in \[0, 1\]"),
+        ("base: demo", "base: nosuch", r"space.yaml:2: base:"),
+        ("name: t", "name: t\nextra: 1", r"space.yaml:2: extra: unknown key"),
+        ("settings:", "settings:\n  metric: val/accuracy", r"settings.metric: must be one of"),
+    ],
+)
+def test_bad_spaces_name_line_and_key(tmp_path: Path, old: str, new: str, pattern: str):
+    assert old in GOOD
+    with pytest.raises(UserError, match=pattern):
+        load_space(write(tmp_path, GOOD.replace(old, new, 1)))
+
+
+def test_malformed_yaml_and_missing_file(tmp_path: Path):
+    with pytest.raises(UserError, match=r"space.yaml:\d+: malformed YAML"):
+        load_space(write(tmp_path, "name: t\nparams: {a: [1, 2}\n"))
+    with pytest.raises(UserError, match="no such file"):
+        load_space(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["demo", "paper", "lambda_sweep", "kernels"])
+def test_shipped_spaces_are_valid(name: str):
+    space = load_space(REPO / "search_spaces" / f"{name}.yaml")
+    assert space.params, "a search space with nothing to search"
+
+
+def test_cli_dry_run_and_bad_space_exit_codes(tmp_path: Path):
+    weakseg = [sys.executable, "-m", "weakseg"]
+    ok = subprocess.run(weakseg + ["search", str(REPO / "search_spaces" / "demo.yaml"), "--dry-run"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "loss.lam" in ok.stdout and "nothing was started" in ok.stdout
+    bad = write(tmp_path, GOOD.replace("loss.lam:", "loss.lamda:"))
+    r = subprocess.run(weakseg + ["search", str(bad)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "params.loss.lamda" in lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "results").exists()  # nothing was started or written
+
+
+def test_scheduler_type_none_needs_no_asha_options(tmp_path: Path):
+    text = GOOD.replace("  scheduler: {type: asha, grace: 100, max_t: 400}", "  scheduler: {type: none}")
+    assert load_space(write(tmp_path, text)).settings.scheduler.type == "none"

@@ -1,0 +1,54 @@
+"""Where a search's checkpoints live, and how to get one onto this machine.
+
+A trial's checkpoints are Ray Tune checkpoint folders holding `checkpoint.pt`,
+under the search's storage path: a local or shared folder, or s3:// / gs://.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from weakseg.errors import UserError
+from weakseg.search.trial import CHECKPOINT_FILE
+
+
+def resolve_checkpoint(location: str, cache: Path | None = None) -> Path:
+    """A local path to the `checkpoint.pt` behind a checkpoint file, folder or remote URI."""
+    if "://" in location and not location.startswith("file://"):
+        from ray import tune
+
+        target = Path(cache or tempfile.mkdtemp(prefix="weakseg-ckpt-"))
+        try:
+            tune.Checkpoint(location).to_directory(str(target))
+        except Exception as e:
+            raise UserError(f"checkpoint {location}: cannot download it ({str(e).splitlines()[0]})") from None
+        path = target / CHECKPOINT_FILE
+    else:
+        path = Path(location.removeprefix("file://")).expanduser()
+        if path.is_dir():
+            path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise UserError(f"checkpoint {location}: no {CHECKPOINT_FILE} there")
+    return path
+
+
+def best_of_search(location: Path) -> str:
+    """The best checkpoint of a finished search: from results/<name>/ (search.json) or its space file."""
+    location = Path(location)
+    if location.is_file() and location.suffix in (".yaml", ".yml"):
+        from weakseg.search.space import load_space
+
+        location = load_space(location).results_dir
+    summary = location / "search.json"
+    if not summary.is_file():
+        raise UserError(f"--best {location}: no search.json there (is it a finished search's results folder?)")
+    try:
+        data = json.loads(summary.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"--best: {summary} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    best = data.get("best_checkpoint")
+    if not best:
+        raise UserError(f"--best: search {data.get('name', location)} has no successful trial")
+    return str(best)

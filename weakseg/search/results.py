@@ -1,0 +1,203 @@
+"""The end of a search: a table of all trials, the best config and checkpoint, and plots.
+
+results/<search>/trials.csv, trials.md   every trial, sorted by the metric (best first)
+results/<search>/best_config.yaml        the best trial's full resolved training config
+results/<search>/best_checkpoint.txt     where the best trial's best checkpoint is stored
+results/<search>/metric_vs_lambda.png    the metric against λ per neighbourhood variant (paper Fig. 3)
+results/<search>/best_iou.png            the best trial's per-class IoU
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from weakseg.data.classes import VOC_CLASSES
+from weakseg.io import atomic_write_text, atomic_write_with
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    outcome: str  # completed | stopped_early | failed | diverged | pending
+    iterations: int
+    best: float  # best value of the metric over the trial's evaluations (nan: none)
+    last: float
+    params: dict[str, Any]
+    per_class: dict[str, float] = field(default_factory=dict)  # IoU at the best evaluation
+    checkpoint: str = ""  # the trial's best checkpoint (storage path or URI)
+    error: str = ""
+
+
+@dataclass
+class Summary:
+    rows: list[TrialRow]
+    best: TrialRow | None
+    files: dict[str, Path]
+
+
+def rows_from_results(grid: Any, metric: str, mode: str, full_iterations: int) -> list[TrialRow]:
+    """One row per trial of a Ray Tune ResultGrid."""
+    rows = []
+    for r in grid:
+        metrics = r.metrics or {}
+        df = r.metrics_dataframe
+        best, per_class, iters = math.nan, {}, int(metrics.get("iteration", 0) or 0)
+        if df is not None and metric in df.columns and df[metric].notna().any():
+            idx = df[metric].idxmax() if mode == "max" else df[metric].idxmin()
+            row = df.loc[idx]
+            best = float(row[metric])
+            per_class = {c: float(row[f"val/iou/{c}"]) for c in VOC_CLASSES if f"val/iou/{c}" in df.columns
+                         and not _nan(row[f"val/iou/{c}"])}
+            iters = int(df["iteration"].max()) if "iteration" in df.columns else iters
+        if metrics.get("diverged"):
+            err, outcome = str(metrics.get("error", "loss became non-finite")), "diverged"
+        elif r.error is not None:
+            text = str(r.error).strip().splitlines()
+            err = text[-1] if text else type(r.error).__name__
+            outcome = "diverged" if "TrainingDiverged" in str(r.error) or "non-finite" in str(r.error) else "failed"
+        else:
+            err = ""
+            outcome = "completed" if iters >= full_iterations else ("stopped_early" if iters > 0 else "pending")
+        ckpt = ""
+        try:
+            c = r.get_best_checkpoint(metric, mode) if r.best_checkpoints else r.checkpoint
+            ckpt = c.path if c is not None else ""
+        except Exception:
+            ckpt = r.checkpoint.path if r.checkpoint is not None else ""
+        rows.append(
+            TrialRow(
+                trial_id=str(metrics.get("trial_id") or Path(r.path).name),
+                outcome=outcome,
+                iterations=iters,
+                best=best,
+                last=float(metrics.get(metric, math.nan)) if metrics.get(metric) is not None else math.nan,
+                params={k: v for k, v in (r.config or {}).items()},
+                per_class=per_class,
+                checkpoint=ckpt,
+                error=err,
+            )
+        )
+    return rows
+
+
+def _nan(x: Any) -> bool:
+    try:
+        return math.isnan(float(x))
+    except (TypeError, ValueError):
+        return True
+
+
+def sort_rows(rows: list[TrialRow], mode: str) -> list[TrialRow]:
+    sign = -1.0 if mode == "max" else 1.0
+    return sorted(rows, key=lambda r: (math.isnan(r.best), sign * (0.0 if math.isnan(r.best) else r.best), r.trial_id))
+
+
+def write_summary(
+    rows: list[TrialRow],
+    out: Path,
+    *,
+    metric: str,
+    mode: str,
+    best_config: Mapping[str, Any] | None,
+    title: str,
+) -> Summary:
+    """Write the tables, the best config and the plots; returns what was written."""
+    rows = sort_rows(rows, mode)
+    best = next((r for r in rows if not math.isnan(r.best) and r.outcome not in ("failed", "diverged")), None)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    param_keys = sorted({k for r in rows for k in r.params})
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["rank", "trial_id", "outcome", "iterations", f"best {metric}", f"last {metric}", *param_keys,
+                "checkpoint", "error"])
+    for i, r in enumerate(rows, 1):
+        w.writerow([i, r.trial_id, r.outcome, r.iterations, _num(r.best), _num(r.last),
+                    *[r.params.get(k, "") for k in param_keys], r.checkpoint, r.error])
+    files["trials.csv"] = out / "trials.csv"
+    atomic_write_text(files["trials.csv"], buf.getvalue())
+
+    md = [f"# {title}", "", f"{len(rows)} trials, sorted by best `{metric}` ({mode}).", ""]
+    head = ["#", "trial", "outcome", "iters", f"best {metric}", *param_keys]
+    md.append("| " + " | ".join(head) + " |")
+    md.append("|" + "|".join(["---"] * len(head)) + "|")
+    for i, r in enumerate(rows, 1):
+        cells = [str(i), r.trial_id, r.outcome, str(r.iterations), _pct(r.best), *[_fmt(r.params.get(k, "–")) for k in param_keys]]
+        md.append("| " + " | ".join(cells) + " |")
+    if best is not None:
+        md += ["", f"Best: trial `{best.trial_id}`, {metric} = {_pct(best.best)}; checkpoint `{best.checkpoint}`."]
+    failed = [r for r in rows if r.outcome in ("failed", "diverged")]
+    if failed:
+        md += ["", "Failed trials:", ""] + [f"- `{r.trial_id}` ({r.outcome}): {r.error}" for r in failed]
+    files["trials.md"] = out / "trials.md"
+    atomic_write_text(files["trials.md"], "\n".join(md) + "\n")
+
+    if best is not None:
+        if best_config is not None:
+            files["best_config.yaml"] = out / "best_config.yaml"
+            atomic_write_text(files["best_config.yaml"], yaml.safe_dump(dict(best_config), sort_keys=False))
+        files["best_checkpoint.txt"] = out / "best_checkpoint.txt"
+        atomic_write_text(files["best_checkpoint.txt"], best.checkpoint + "\n")
+        if best.per_class:
+            files["best_iou.png"] = out / "best_iou.png"
+            _plot_best_iou(best, files["best_iou.png"])
+    if any("loss.lam" in r.params for r in rows):
+        files["metric_vs_lambda.png"] = out / "metric_vs_lambda.png"
+        _plot_vs_lambda(rows, metric, files["metric_vs_lambda.png"])
+    return Summary(rows, best, files)
+
+
+def _num(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.6f}"
+
+
+def _pct(x: float) -> str:
+    return "–" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _plot_vs_lambda(rows: list[TrialRow], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    variants = sorted({str(r.params.get("loss.variant", "(base)")) for r in rows})
+    for v in variants:
+        pts = sorted(
+            (float(r.params["loss.lam"]), r.best)
+            for r in rows
+            if "loss.lam" in r.params and str(r.params.get("loss.variant", "(base)")) == v and not math.isnan(r.best)
+        )
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, [100 * y for y in ys], marker="o", label=f"variant = {v}")
+    ax.set_xlabel("λ (weight of the neighbourhood loss)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{metric} against λ (cf. paper Fig. 3)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def _plot_best_iou(best: TrialRow, path: Path) -> None:
+    from weakseg.report import plot_iou_bars
+
+    import numpy as np
+
+    iou = np.array([best.per_class.get(c, math.nan) for c in VOC_CLASSES])
+    plot_iou_bars(iou, list(VOC_CLASSES), path)

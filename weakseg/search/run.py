@@ -1,0 +1,390 @@
+"""`weakseg search`: a Ray Tune search (Optuna TPE, optional ASHA) whose trials are `engine.fit` runs.
+
+Local by default (`ray.init()` starts a Ray on this machine); `--address` or
+RAY_ADDRESS connects to a cluster, where the same command runs unchanged.
+Before anything starts, the space is validated and the per-trial resources are
+checked against what the cluster can ever offer: a GPU request on a cluster
+without GPUs would otherwise wait in PENDING forever.
+
+Early stopping and TPE: trials ASHA stops early are told to Optuna as PRUNED,
+not COMPLETE with their early score (see `searcher.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import weakseg
+from weakseg.errors import UserError
+from weakseg.search.space import SearchSpace
+from weakseg.search.trial import TrialSetup, run_trial
+
+
+@dataclass
+class SearchOutcome:
+    results_dir: Path
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    best_trial: str | None
+    best_value: float
+    export_path: Path | None = None
+
+
+def code_version() -> str:
+    """weakseg's version plus the git commit when run from a checkout (fixed arguments only)."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{weakseg.__version__}+{sha}" if sha else weakseg.__version__
+
+
+def plan(space: SearchSpace) -> str:
+    """The human-readable plan printed by --dry-run (and at the start of a search)."""
+    s = space.settings
+    lines = [
+        f"search {space.name}: {s.samples} trials of {space.base_config.optim.iterations} iterations, "
+        f"{s.max_concurrent} at a time, each {{cpu: {s.resources.cpu:g}, gpu: {s.resources.gpu:g}}}",
+        f"  base config   {space.base}",
+        f"  optimise      {s.metric} ({s.mode}), Optuna {'TPE' if s.sampler == 'tpe' else 'grid'} sampler, "
+        f"seed {s.seed}",
+        f"  scheduler     " + (f"ASHA on iterations: grace {s.scheduler.grace}, max_t {s.scheduler.max_t}, "
+                               f"reduction {s.scheduler.reduction_factor}" if s.scheduler.type == "asha" else "none"),
+        f"  retries       {s.max_failures} per trial, from its last checkpoint",
+        f"  ray storage   {s.storage_path}/{space.name}",
+        f"  results       {space.results_dir}",
+        f"  mlflow        {space.tracking_uri} (experiment {space.experiment!r})",
+    ]
+    if space.params:
+        lines.append("  parameters:")
+        w = max(len(p.key) for p in space.params)
+        lines += [f"    {p.key:<{w}}  {p.describe()}" for p in space.params]
+    if space.fixed:
+        lines.append("  fixed:")
+        lines += [f"    {k} = {v.value!r}" for k, v in space.fixed.items()]
+    if space.export:
+        lines.append(f"  then export the best model on split {space.export.split!r} for the VOC server")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ ray
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to a cluster (address or RAY_ADDRESS) or start a local Ray bound to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        try:
+            ray.init(address=target, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as e:
+            raise UserError(f"--address {target}: no Ray cluster answers there ({str(e).splitlines()[0]})") from None
+        return
+    # Ray's gRPC servers listen on every interface: token authentication (prepare_local_auth) guards them.
+    ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False)
+
+
+def prepare_local_auth(address: str | None) -> None:
+    """Token authentication for a local Ray, made explicit (must run before ray is imported).
+
+    Ray 2.60 switches token auth on implicitly when RAY_AUTH_MODE is unset; with the mode set
+    explicitly it expects the token to exist already, so create it when needed. A cluster's
+    own mode (--address / RAY_ADDRESS) is left alone.
+    """
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"].lower() == "token":
+        ensure_auth_token()
+    if "ray" in sys.modules:  # ray caches its config at import: refresh it
+        from ray._raylet import Config
+
+        Config.initialize("")
+
+
+def ensure_auth_token() -> None:
+    """Create Ray's default token file (~/.ray/auth_token, mode 0600) unless a token is configured."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path("~/.ray/auth_token").expanduser()
+    if path.is_file() and path.read_text().strip():
+        return
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # 256 bits, as Ray's own generator
+
+
+def autoscaler_node_types() -> list[dict[str, float]]:
+    """Resources of the node types the cluster's autoscaler could still start.
+
+    From the autoscaler's cluster config in the GCS (where Ray's autoscaler, `ray up`'s and KubeRay's,
+    publishes its node groups), else from `ray up`'s bootstrap config on the head node.
+    """
+    out: list[dict[str, float]] = []
+    try:  # a private Ray API: tolerate its absence or churn
+        import ray._private.state
+
+        config = ray._private.state.state.get_cluster_config()
+        for group in (config.node_group_configs if config is not None else []):
+            if group.max_count != 0:
+                out.append({k: float(v) for k, v in group.resources.items()})
+    except Exception:
+        pass
+    path = Path("~/ray_bootstrap_config.yaml").expanduser()
+    if path.is_file():
+        try:
+            cfg = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            cfg = {}
+        for t in (cfg.get("available_node_types") or {}).values():
+            if (t.get("max_workers", 1) or 0) > 0 or t.get("min_workers"):
+                out.append(dict(t.get("resources") or {}))
+    return out
+
+
+def check_resources(cpu: float, gpu: float) -> None:
+    """Fail fast when no node of the cluster, now or after autoscaling, can run one trial."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    candidates = nodes + autoscaler_node_types()
+
+    def fits(r: dict[str, float]) -> bool:
+        return r.get("CPU", 0) >= cpu and r.get("GPU", 0) >= gpu
+
+    if any(fits(r) for r in candidates):
+        return
+    have = ", ".join(sorted({f"{{CPU: {r.get('CPU', 0):g}, GPU: {r.get('GPU', 0):g}}}" for r in nodes})) or "none"
+    hint = (" Set settings.resources.gpu: 0 to train on CPUs, or run on a cluster with GPU workers."
+            if gpu > 0 and not any(r.get("GPU", 0) > 0 for r in candidates) else "")
+    raise UserError(
+        f"settings.resources asks {{cpu: {cpu:g}, gpu: {gpu:g}}} per trial, but no node of this Ray cluster "
+        f"has that much (nodes: {have}); the trials would wait in PENDING forever.{hint}"
+    )
+
+
+# ---------------------------------------------------------------------------- search
+
+
+def run_search(space: SearchSpace, *, resume: bool = False, address: str | None = None,
+               check: bool = True) -> SearchOutcome:
+    prepare_local_auth(address)
+    # Ray's newer console output prints every reported metric (21 IoUs per line); the classic
+    # reporter shows the columns chosen below. Read when ray.tune runs, so set it first.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # every reported checkpoint snapshots the experiment (what makes --resume lose nothing): not a warning
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from weakseg.data import build
+    from weakseg.search.callbacks import MlflowCallback
+    from weakseg.search.searcher import EarlyStopAwareOptunaSearch
+    from weakseg.search.tracking import SearchRun, quiet_mlflow
+
+    s = space.settings
+    cfg = space.base_config
+    exp_path = f"{s.storage_path.rstrip('/')}/{space.name}"
+    restorable = tune.Tuner.can_restore(exp_path)
+    if resume and not restorable:
+        raise UserError(f"--resume: no search to resume at {exp_path}")
+    if not resume and restorable:
+        raise UserError(
+            f"a search named {space.name!r} already exists at {exp_path}: "
+            "pass --resume to continue it, or change `name` in the space file"
+        )
+
+    init_ray(address)
+    if check:
+        check_resources(s.resources.cpu, s.resources.gpu)
+    if cfg.data.dataset == "synthetic":
+        build.ensure_synthetic(cfg.data)  # once here rather than racing in the first trials
+
+    search_key = exp_path
+    with quiet_mlflow():
+        parent = SearchRun(space.tracking_uri, space.experiment, search_key)
+        parent.start(
+            resume,
+            params={**{f"settings.{k}": v for k, v in _settings_params(space).items()},
+                    **{f"space.{p.key}": p.describe() for p in space.params},
+                    **{f"fixed.{k}": v.value for k, v in space.fixed.items()}},
+            space_file=space.path,
+            code_version=code_version(),
+        )
+    print(plan(space), flush=True)
+    print(f"MLflow parent run {parent.run_id}", flush=True)
+
+    setup = TrialSetup(base_values=cfg.flat(), metric=s.metric)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup),
+        {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
+    )
+    full = cfg.optim.iterations
+    started = time.time()
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            searcher = EarlyStopAwareOptunaSearch(
+                space=space.optuna_space(), metric=s.metric, mode=s.mode, sampler=_sampler(space),
+                full_iterations=full,
+            )
+            if s.scheduler.type == "asha":
+                scheduler = ASHAScheduler(
+                    time_attr="iteration", metric=s.metric, mode=s.mode, max_t=s.scheduler.max_t,
+                    grace_period=s.scheduler.grace, reduction_factor=s.scheduler.reduction_factor,
+                )
+            else:
+                scheduler = FIFOScheduler()
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
+                    scheduler=scheduler,
+                    num_samples=s.samples,
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name=space.name,
+                    storage_path=s.storage_path,
+                    failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                    # the best checkpoint by the metric, and (always kept by Ray) the latest for resuming
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=2, checkpoint_score_attribute=s.metric, checkpoint_score_order=s.mode
+                    ),
+                    callbacks=[MlflowCallback(parent, cfg.flat(), full)],
+                    progress_reporter=tune.CLIReporter(
+                        metric_columns={"iteration": "iter", s.metric: s.metric, "train/loss": "loss"},
+                        parameter_columns=[p.key for p in space.params],
+                        max_report_frequency=30,
+                        sort_by_metric=True,
+                        metric=s.metric,
+                        mode=s.mode,
+                    ),
+                    verbose=1,
+                ),
+            )
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        with quiet_mlflow():
+            parent.finish("KILLED", {}, {})
+        print(f"\ninterrupted: continue with  weakseg search {space.path} --resume", file=sys.stderr)
+        raise
+    return _finish(space, parent, grid, time.time() - started)
+
+
+def _sampler(space: SearchSpace):
+    import optuna
+
+    if space.settings.sampler == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=space.settings.seed)
+    return optuna.samplers.TPESampler(seed=space.settings.seed)
+
+
+def _settings_params(space: SearchSpace) -> dict[str, Any]:
+    out = {}
+    for k, v in dataclasses.asdict(space.settings).items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float) -> SearchOutcome:
+    from weakseg.config import build_config, mapping_settings
+    from weakseg.search.results import rows_from_results, write_summary
+    from weakseg.search.tracking import quiet_mlflow
+
+    s = space.settings
+    full = space.base_config.optim.iterations
+    rows = rows_from_results(grid, s.metric, s.mode, full)
+    best_cfg = None
+    ranked = [r for r in rows if not math.isnan(r.best) and r.outcome not in ("failed", "diverged")]
+    if ranked:
+        top = max(ranked, key=lambda r: r.best) if s.mode == "max" else min(ranked, key=lambda r: r.best)
+        best_cfg = build_config(mapping_settings({**space.base_config.flat(), **top.params}, "best", None)).to_dict()
+    summary = write_summary(rows, space.results_dir, metric=s.metric, mode=s.mode, best_config=best_cfg,
+                            title=f"Search `{space.name}`")
+    timing = {"search_seconds": seconds, "trials": len(rows)}
+    from weakseg.io import atomic_write_text
+
+    atomic_write_text(space.results_dir / "search.json", json.dumps({
+        "name": space.name, "space": str(space.path), "tracking_uri": space.tracking_uri,
+        "experiment": space.experiment, "parent_run_id": parent.run_id, "storage": f"{s.storage_path}/{space.name}",
+        "best_trial": summary.best.trial_id if summary.best else None,
+        "best_value": summary.best.best if summary.best else None,
+        "best_checkpoint": summary.best.checkpoint if summary.best else None,
+        **timing,
+    }, indent=2) + "\n")
+    best = summary.best
+    metrics = {}
+    if best is not None:
+        metrics = {f"best/{s.metric}": best.best, **{f"best/val/iou/{c}": v for c, v in best.per_class.items()}}
+    metrics["trials"] = float(len(rows))
+    metrics["trials_failed"] = float(sum(r.outcome in ("failed", "diverged") for r in rows))
+    with quiet_mlflow():
+        _reconcile_children(parent, rows)
+        parent.tag_checkpoints({r.trial_id: r.checkpoint for r in rows if r.checkpoint},
+                               best.checkpoint if best is not None else None)
+        parent.finish("FINISHED", metrics, summary.files)
+    export_path = None
+    if space.export is not None and best is not None:
+        from weakseg.export import export_voc, upload_instructions
+        from weakseg.search.checkpoints import resolve_checkpoint
+
+        crf = None
+        if space.export.crf:
+            from weakseg.crf import CRFParams
+
+            crf = CRFParams()
+        split = space.export.split
+        export_path = export_voc(resolve_checkpoint(best.checkpoint), space.results_dir / f"voc_{split}_submission.tar.gz",
+                                 split=split, crf=crf, force=True)
+        print(upload_instructions(export_path, _count_ids(export_path), split))
+    return SearchOutcome(space.results_dir, space.tracking_uri, space.experiment, parent.run_id,
+                         best.trial_id if best else None, best.best if best else math.nan, export_path)
+
+
+def _count_ids(archive: Path) -> int:
+    import tarfile
+
+    with tarfile.open(archive, "r:gz") as tar:
+        return sum(1 for m in tar.getmembers() if m.name.endswith(".png"))
+
+
+def _reconcile_children(parent: Any, rows: list) -> None:
+    """No child run stays RUNNING: close any the callbacks missed (e.g. after a driver crash)."""
+    by_id = {r.trial_id: r for r in rows}
+    for trial_id, run in parent.children().items():
+        if run.info.status != "RUNNING":
+            continue
+        row = by_id.get(trial_id)
+        if row is None:
+            parent.close_child(trial_id, "KILLED", "abandoned")
+        elif row.outcome in ("failed", "diverged"):
+            parent.close_child(trial_id, "FAILED", row.outcome, error=row.error)
+        else:
+            parent.close_child(trial_id, "FINISHED", row.outcome)

@@ -1,0 +1,44 @@
+"""Optuna TPE through Ray Tune, told the truth about trials ASHA stopped early.
+
+Ray's OptunaSearch tells Optuna that a trial stopped early by ASHA is COMPLETE
+with its early score, which biases TPE toward configurations that start fast
+rather than end well. This subclass tells Optuna such trials were PRUNED:
+Optuna's TPE then ranks every pruned trial below every completed one (pruned
+ones among themselves by how far they got, then by their last score), so the
+sampler still learns from them without mistaking them for finished results.
+Diverged trials (a NaN loss) are told FAIL.
+
+Defined at module level so that Ray can pickle it with the experiment state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+
+class EarlyStopAwareOptunaSearch(OptunaSearch):
+    def __init__(self, *args: Any, full_iterations: int, **kw: Any):
+        super().__init__(*args, **kw)
+        self.full_iterations = full_iterations
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if result.get("diverged"):
+            return  # its NaN placeholder is no intermediate value
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        state = None
+        if not error and result is not None:
+            if result.get("diverged"):
+                state = TrialState.FAIL
+            elif int(result.get("iteration", self.full_iterations)) < self.full_iterations:
+                state = TrialState.PRUNED
+        if state is None:
+            return super().on_trial_complete(trial_id, result, error)
+        self._ot_study.tell(self._ot_trials[trial_id], state=state)
+        self._completed_trials.add(trial_id)

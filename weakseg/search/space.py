@@ -1,0 +1,524 @@
+"""Search-space files: what to sample, what to fix, how to run the search.
+
+    name: lambda_sweep              # MLflow experiment, results/<name>/, Ray experiment folder
+    base: demo                      # training config: shipped name or path (relative to this file)
+    fixed:                          # overrides applied to every trial (training-config keys)
+      data.root: ../data/synthetic
+    params:                         # sampled by Optuna's TPE, in this order
+      loss.variant: {choice: [exp, mean]}
+      loss.lam: {uniform: [0.0, 1.0]}
+      loss.theta_alpha: {loguniform: [3, 60]}
+      optim.batch_size: {int: [4, 16], step: 4}
+      loss.w2: {uniform: [0, 10], when: {loss.variant: [exp, mean]}}   # conditional
+    settings:
+      sampler: tpe                  # tpe (Optuna's TPE) or grid (every combination of choice parameters)
+      samples: 8                    # trials (grid: the number of combinations)
+      metric: val/miou
+      mode: max
+      scheduler: {type: asha, grace: 100, max_t: 400, reduction_factor: 2}   # or: none
+      max_concurrent: 2
+      resources: {cpu: 1, gpu: 0}   # per trial; fractional gpu allowed (0.5: two trials per GPU)
+      max_failures: 1               # retries of a crashed trial, from its last checkpoint
+      seed: 0
+      storage_path: ../results/ray  # local folder, s3://bucket/path or gs://bucket/path
+      results_dir: ../results       # summary tables and plots go to results_dir/<name>/
+      mlflow: {tracking_uri: null, experiment: null}   # default: sqlite in results_dir, experiment = name
+    export: {split: test}           # optional: export the best model for the VOC server at the end
+
+Everything is checked before Ray starts: unknown keys, parameter names that are
+not training-config keys, bad bounds and types each stop the search with the
+file, line and key at fault. Relative paths are resolved against the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from weakseg.config import (
+    Config,
+    ConfigError,
+    Setting,
+    build_config,
+    choices,
+    file_settings,
+    load_yaml,
+    resolve_config_path,
+    schema,
+)
+
+KINDS = ("uniform", "loguniform", "int", "choice")
+TOP_KEYS = ("name", "base", "fixed", "params", "settings", "export")
+SETTINGS_KEYS = (
+    "sampler", "samples", "metric", "mode", "scheduler", "max_concurrent", "resources", "max_failures", "seed",
+    "storage_path", "results_dir", "mlflow",
+)
+METRICS = ("val/miou", "val/boundary_iou", "val/pixel_acc")
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str  # training-config key, e.g. "loss.lam"
+    kind: Literal["uniform", "loguniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    values: tuple = ()
+    when: tuple[tuple[str, tuple], ...] = ()  # sampled only if every (key, allowed values) holds
+    line: int = 0
+
+    def active(self, sampled: Mapping[str, Any]) -> bool:
+        return all(k in sampled and sampled[k] in allowed for k, allowed in self.when)
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            s = f"choice{list(self.values)}"
+        elif self.kind == "int":
+            s = f"int[{int(self.low)}, {int(self.high)}]" + (f" step {int(self.step)}" if self.step else "")
+            s += " log" if self.log else ""
+        else:
+            s = f"{self.kind}[{self.low:g}, {self.high:g}]" + (f" step {self.step:g}" if self.step else "")
+        if self.when:
+            s += " when " + ", ".join(f"{k} in {list(v)}" for k, v in self.when)
+        return s
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    type: Literal["asha", "none"] = "none"
+    grace: int = 0  # training iterations before a trial can be stopped
+    max_t: int = 0  # training iterations of a full trial (default: optim.iterations)
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    sampler: Literal["tpe", "grid"] = "tpe"  # grid: every combination of the `choice` parameters, once
+    samples: int = 8
+    metric: str = "val/miou"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Scheduler = Scheduler()
+    max_concurrent: int = 1
+    resources: Resources = Resources()
+    max_failures: int = 1
+    seed: int = 0
+    storage_path: str = ""
+    results_dir: str = ""
+    tracking_uri: str | None = None
+    experiment: str | None = None
+
+
+@dataclass(frozen=True)
+class Export:
+    split: str = "test"
+    crf: bool = False
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    path: Path
+    name: str
+    base: Path  # resolved training config file
+    fixed: dict[str, Setting]
+    params: tuple[Param, ...]
+    settings: Settings
+    export: Export | None = None
+    base_config: Config = field(default=None, repr=False)  # type: ignore[assignment]
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.settings.results_dir) / self.name
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow store: as configured, else sqlite under results/ (MLflow 3's default backend)."""
+        if self.settings.tracking_uri:
+            return self.settings.tracking_uri
+        return f"sqlite:///{Path(self.settings.results_dir) / 'mlflow.db'}"
+
+    @property
+    def experiment(self) -> str:
+        return self.settings.experiment or self.name
+
+    def trial_settings(self, sampled: Mapping[str, Any]) -> dict[str, Setting]:
+        """The settings of one trial: base file <- fixed <- sampled."""
+        out = dict(file_settings(self.base))
+        out.update(self.fixed)
+        for k, v in sampled.items():
+            out[k] = Setting(v, f"{self.path} (sampled {k})", None)
+        return out
+
+    def trial_config(self, sampled: Mapping[str, Any]) -> Config:
+        return build_config(self.trial_settings(sampled))
+
+    def grid(self) -> dict[str, list]:
+        """For the grid sampler: every parameter's values."""
+        return {p.key: list(p.values) for p in self.params}
+
+    def optuna_space(self) -> "DefineByRun":
+        """A define-by-run function for Ray's OptunaSearch: conditional parameters need one."""
+        return DefineByRun(self.params)
+
+
+class DefineByRun:
+    """Samples the parameters in order, skipping those whose `when` does not hold.
+
+    A class rather than a closure: Ray pickles the searcher, and this, with the experiment state.
+    """
+
+    def __init__(self, params: tuple[Param, ...]):
+        self.params = params
+
+    def __call__(self, trial) -> None:
+        sampled: dict[str, Any] = {}
+        for p in self.params:
+            if not p.active(sampled):
+                continue
+            if p.kind == "choice":
+                sampled[p.key] = trial.suggest_categorical(p.key, list(p.values))
+            elif p.kind == "int":
+                sampled[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+            else:
+                sampled[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.kind == "loguniform")
+
+
+# -------------------------------------------------------------------------- parsing
+
+
+class _Loc:
+    def __init__(self, path: Path, lines: dict[str, int]):
+        self.path, self.lines = path, lines
+
+    def at(self, key: str) -> str:
+        line = self.lines.get(key)
+        if line is None:  # fall back to the nearest enclosing key that has a line
+            parts = key.split(".")
+            while parts and line is None:
+                parts.pop()
+                line = self.lines.get(".".join(parts))
+        return f"{self.path}:{line or 1}"
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.at(key)}: {key}: {message}")
+
+
+def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SearchSpace:
+    """Parse and fully validate a search-space file."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"search space {path}: no such file")
+    data, lines = load_yaml(path)
+    loc = _Loc(path, lines)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: a search space must be a mapping with keys {', '.join(TOP_KEYS)}")
+    for k in data:
+        if k not in TOP_KEYS:
+            raise loc.error(str(k), f"unknown key{_hint(str(k), TOP_KEYS)}; allowed: {', '.join(TOP_KEYS)}")
+    name = data.get("name") or path.stem
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise loc.error("name", "must be letters, digits, '-' or '_' (it names folders and the MLflow experiment)")
+    base_raw = data.get("base")
+    if not isinstance(base_raw, str):
+        raise loc.error("base", "required: a training config name (demo, paper) or a YAML path")
+    try:
+        base = resolve_config_path(base_raw, relative_to=path.parent)
+    except ConfigError as e:
+        raise loc.error("base", str(e)) from None
+    keys = schema()
+
+    fixed_raw = data.get("fixed") or {}
+    if not isinstance(fixed_raw, dict):
+        raise loc.error("fixed", "must be a mapping of training-config keys to values")
+    fixed: dict[str, Setting] = {}
+    for k, v in _flatten_keys(fixed_raw).items():
+        if k not in keys:
+            raise loc.error(f"fixed.{k}", f"not a training-config key{_hint(k, keys)}")
+        fixed[k] = Setting(v, loc.at(f"fixed.{k}"), path.parent)
+
+    params_raw = data.get("params") or {}
+    if not isinstance(params_raw, dict):
+        raise loc.error("params", "must be a mapping of training-config keys to distributions")
+    params: list[Param] = []
+    for k, spec in params_raw.items():
+        params.append(_parse_param(str(k), spec, loc, keys, [p.key for p in params]))
+    for p in params:
+        if p.key in fixed:
+            raise loc.error(f"params.{p.key}", "is both fixed and searched")
+
+    settings = _parse_settings(data.get("settings") or {}, loc, path)
+    export = _parse_export(data.get("export"), loc)
+
+    if settings.sampler == "grid":
+        for p in params:
+            if p.kind != "choice" or p.when:
+                raise loc.error(f"params.{p.key}", "the grid sampler needs unconditional `choice` parameters")
+        combos = math.prod(len(p.values) for p in params)
+        if "samples" in (data.get("settings") or {}) and settings.samples != combos:
+            raise loc.error("settings.samples", f"the grid has {combos} combinations; drop samples or set it to that")
+        settings = dataclasses.replace(settings, samples=combos)
+    space = SearchSpace(path, name, base, fixed, tuple(params), settings, export)
+    base_cfg = _check_configs(space, loc)
+    sched = settings.scheduler
+    if sched.type == "asha":
+        iters = base_cfg.optim.iterations
+        max_t = sched.max_t or iters
+        if max_t > iters:
+            raise loc.error("settings.scheduler.max_t", f"{max_t} exceeds optim.iterations ({iters})")
+        if not 0 < sched.grace < max_t:
+            raise loc.error("settings.scheduler.grace", f"must lie in (0, max_t={max_t})")
+        settings = dataclasses.replace(settings, scheduler=dataclasses.replace(sched, max_t=max_t))
+    space = dataclasses.replace(space, settings=settings, base_config=base_cfg)
+    if overrides:
+        space = dataclasses.replace(space, settings=dataclasses.replace(space.settings, **overrides))
+    return space
+
+
+def _flatten_keys(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten_keys(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _hint(key: str, options) -> str:
+    m = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _parse_param(key: str, spec: Any, loc: _Loc, keys: dict, earlier: list[str]) -> Param:
+    where = f"params.{key}"
+    if key not in keys:
+        raise loc.error(where, f"not a training-config key{_hint(key, keys)}")
+    if not isinstance(spec, dict):
+        raise loc.error(where, "must be a mapping like {uniform: [low, high]} or {choice: [a, b]}")
+    kinds = [k for k in spec if k in KINDS]
+    unknown = [k for k in spec if k not in KINDS + ("step", "log", "when")]
+    if unknown:
+        raise loc.error(f"{where}.{unknown[0]}", f"unknown option{_hint(str(unknown[0]), KINDS)}")
+    if len(kinds) != 1:
+        raise loc.error(where, f"needs exactly one distribution of {', '.join(KINDS)}")
+    kind = kinds[0]
+    arg = spec[kind]
+    tp, _ = keys[key]
+    allowed = choices(key)
+    line = loc.lines.get(where, 0)
+    when = _parse_when(spec.get("when"), f"{where}.when", loc, earlier)
+    if kind == "choice":
+        if not isinstance(arg, list) or len(arg) < 1:
+            raise loc.error(f"{where}.choice", "must be a non-empty list")
+        if len(set(map(repr, arg))) != len(arg):
+            raise loc.error(f"{where}.choice", "has repeated values")
+        if allowed is not None:
+            bad = [v for v in arg if v not in allowed]
+            if bad:
+                raise loc.error(f"{where}.choice", f"{bad[0]!r} is not one of {list(allowed)}")
+        return Param(key, "choice", values=tuple(arg), when=when, line=line)
+    if allowed is not None or tp not in (int, float, int | None, float | None):
+        raise loc.error(where, f"{kind} needs a numeric key; {key} takes {_type_name(tp)}: use choice")
+    if not (isinstance(arg, list) and len(arg) == 2 and all(_number(a) for a in arg)):
+        raise loc.error(f"{where}.{kind}", "must be [low, high] with two numbers")
+    low, high = float(arg[0]), float(arg[1])
+    if not low < high:
+        raise loc.error(f"{where}.{kind}", f"low ({arg[0]}) must be below high ({arg[1]})")
+    step = spec.get("step")
+    if step is not None and (not _number(step) or step <= 0):
+        raise loc.error(f"{where}.step", "must be a positive number")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise loc.error(f"{where}.log", "must be true or false")
+    if kind == "int":
+        if tp is float:
+            pass  # an integer-valued float key is fine
+        if not (float(arg[0]).is_integer() and float(arg[1]).is_integer()):
+            raise loc.error(f"{where}.int", "bounds must be integers")
+        if step is not None and not float(step).is_integer():
+            raise loc.error(f"{where}.step", "must be an integer for int")
+        if log and low < 1:
+            raise loc.error(f"{where}.int", "log scale needs low >= 1")
+        if log and step not in (None, 1):
+            raise loc.error(f"{where}.step", "Optuna's log-scaled int supports step 1 only")
+    else:
+        if tp is int:
+            raise loc.error(where, f"{key} is an integer: use {{int: [low, high]}}")
+        if log:
+            raise loc.error(f"{where}.log", "use loguniform instead of uniform with log")
+        if kind == "loguniform" and low <= 0:
+            raise loc.error(f"{where}.loguniform", f"low must be > 0 on a log scale (got {arg[0]})")
+        if kind == "loguniform" and step is not None:
+            raise loc.error(f"{where}.step", "a step is not supported on a log scale")
+    return Param(key, kind, low=low, high=high, step=float(step) if step else None, log=log, when=when, line=line)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _parse_when(raw: Any, where: str, loc: _Loc, earlier: list[str]) -> tuple[tuple[str, tuple], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw:
+        raise loc.error(where, "must map earlier parameters to a value or list of values")
+    out = []
+    for k, v in raw.items():
+        if k not in earlier:
+            raise loc.error(f"{where}.{k}", "must name a parameter listed above this one")
+        vals = tuple(v) if isinstance(v, list) else (v,)
+        out.append((str(k), vals))
+    return tuple(out)
+
+
+def _parse_settings(raw: Any, loc: _Loc, path: Path) -> Settings:
+    if not isinstance(raw, dict):
+        raise loc.error("settings", "must be a mapping")
+    for k in raw:
+        if k not in SETTINGS_KEYS:
+            raise loc.error(f"settings.{k}", f"unknown setting{_hint(str(k), SETTINGS_KEYS)}")
+
+    def integer(k: str, default: int, minimum: int) -> int:
+        v = raw.get(k, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise loc.error(f"settings.{k}", f"must be an integer >= {minimum} (got {v!r})")
+        return v
+
+    sampler = raw.get("sampler", "tpe")
+    if sampler not in ("tpe", "grid"):
+        raise loc.error("settings.sampler", f"must be tpe or grid (got {sampler!r})")
+    samples = integer("samples", 8, 1)
+    max_concurrent = integer("max_concurrent", 1, 1)
+    max_failures = integer("max_failures", 1, 0)
+    seed = integer("seed", 0, 0)
+    metric = raw.get("metric", "val/miou")
+    if not isinstance(metric, str) or not (metric in METRICS or metric.startswith("val/iou/")):
+        raise loc.error("settings.metric", f"must be one of {', '.join(METRICS)} or val/iou/<class> (got {metric!r})")
+    if metric.startswith("val/iou/"):
+        from weakseg.data.classes import VOC_CLASSES
+
+        if metric[len("val/iou/"):] not in VOC_CLASSES:
+            raise loc.error("settings.metric", f"unknown class in {metric!r}")
+    mode = raw.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise loc.error("settings.mode", f"must be max or min (got {mode!r})")
+
+    sched_raw = raw.get("scheduler", "none")
+    if sched_raw in (None, "none"):
+        scheduler = Scheduler()
+    elif sched_raw == "asha":
+        raise loc.error("settings.scheduler", "asha needs {type: asha, grace: N, max_t: N}")
+    elif isinstance(sched_raw, dict):
+        for k in sched_raw:
+            if k not in ("type", "grace", "max_t", "reduction_factor"):
+                raise loc.error(f"settings.scheduler.{k}", "unknown option (type, grace, max_t, reduction_factor)")
+        typ = sched_raw.get("type", "asha")
+        if typ not in ("asha", "none"):
+            raise loc.error("settings.scheduler.type", f"must be asha or none (got {typ!r})")
+        vals = {}
+        for k, lo in (("grace", 1), ("max_t", 0), ("reduction_factor", 2)):
+            if typ == "none":
+                break  # {type: none}: the other options don't apply
+            v = sched_raw.get(k, Scheduler.__dataclass_fields__[k].default)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise loc.error(f"settings.scheduler.{k}", f"must be an integer >= {lo} (got {v!r})")
+            vals[k] = v
+        scheduler = Scheduler(typ, **vals) if typ == "asha" else Scheduler()
+    else:
+        raise loc.error("settings.scheduler", "must be none or {type: asha, grace: N, max_t: N}")
+
+    res_raw = raw.get("resources", {})
+    if not isinstance(res_raw, dict):
+        raise loc.error("settings.resources", "must be a mapping like {cpu: 1, gpu: 1}")
+    for k in res_raw:
+        if k not in ("cpu", "gpu"):
+            raise loc.error(f"settings.resources.{k}", "unknown resource (cpu, gpu)")
+    cpu, gpu = res_raw.get("cpu", 1), res_raw.get("gpu", 0)
+    if not _number(cpu) or cpu <= 0:
+        raise loc.error("settings.resources.cpu", f"must be a number > 0 (got {cpu!r})")
+    if not _number(gpu) or gpu < 0 or (gpu > 1 and not float(gpu).is_integer()):
+        raise loc.error("settings.resources.gpu", f"must be 0, a fraction in (0, 1], or a whole number (got {gpu!r})")
+
+    def location(k: str, default: str) -> str:
+        v = raw.get(k, default)
+        if not isinstance(v, str) or not v:
+            raise loc.error(f"settings.{k}", "must be a path or URI")
+        if "://" in v:
+            scheme = v.split("://", 1)[0]
+            if k == "storage_path" and scheme not in ("s3", "gs", "gcs", "file", "abfs", "hdfs"):
+                raise loc.error(f"settings.{k}", f"unsupported scheme {scheme!r} (local path, s3://, gs://)")
+            if k == "results_dir":
+                raise loc.error(f"settings.{k}", "must be a local folder")
+            return v
+        p = Path(v).expanduser()
+        return str((path.parent / p).resolve() if not p.is_absolute() else p)
+
+    results_dir = location("results_dir", "../results")
+    storage_path = location("storage_path", str(Path(results_dir) / "ray"))
+    ml = raw.get("mlflow") or {}
+    if not isinstance(ml, dict):
+        raise loc.error("settings.mlflow", "must be a mapping {tracking_uri: ..., experiment: ...}")
+    for k in ml:
+        if k not in ("tracking_uri", "experiment"):
+            raise loc.error(f"settings.mlflow.{k}", "unknown option (tracking_uri, experiment)")
+    uri = ml.get("tracking_uri")
+    if uri is not None and (not isinstance(uri, str) or not uri):
+        raise loc.error("settings.mlflow.tracking_uri", "must be a URI (http://host:port, sqlite:///path, ...)")
+    if uri and "://" not in uri:  # a plain folder or file: resolve like the other paths
+        uri = str((path.parent / Path(uri).expanduser()).resolve())
+    exp = ml.get("experiment")
+    if exp is not None and not isinstance(exp, str):
+        raise loc.error("settings.mlflow.experiment", "must be a string")
+    return Settings(
+        sampler=sampler, samples=samples, metric=metric, mode=mode, scheduler=scheduler, max_concurrent=max_concurrent,
+        resources=Resources(float(cpu), float(gpu)), max_failures=max_failures, seed=seed,
+        storage_path=storage_path, results_dir=results_dir, tracking_uri=uri, experiment=exp,
+    )
+
+
+def _parse_export(raw: Any, loc: _Loc) -> Export | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise loc.error("export", "must be a mapping like {split: test}")
+    for k in raw:
+        if k not in ("split", "crf"):
+            raise loc.error(f"export.{k}", "unknown option (split, crf)")
+    split = raw.get("split", "test")
+    if not isinstance(split, str) or not split:
+        raise loc.error("export.split", "must be a split name such as test")
+    crf = raw.get("crf", False)
+    if not isinstance(crf, bool):
+        raise loc.error("export.crf", "must be true or false")
+    return Export(split, crf)
+
+
+def _check_configs(space: SearchSpace, loc: _Loc) -> Config:
+    """Build the base config and the configs at each parameter's bounds: range errors surface now."""
+    cfg = build_config(space.trial_settings({}))
+    for p in space.params:
+        candidates = list(p.values) if p.kind == "choice" else [p.low, p.high]
+        for v in candidates:
+            value = int(v) if p.kind == "int" else v
+            try:
+                build_config(space.trial_settings({p.key: value}))
+            except ConfigError as e:
+                msg = str(e).split(": ", 2)[-1]
+                raise loc.error(f"params.{p.key}", f"value {value!r} is invalid: {msg}") from None
+    return cfg
+

@@ -1,0 +1,331 @@
+"""All of weakseg's MLflow calls: one experiment per search, a parent run per search, a child run per trial.
+
+Every MLflow call of a search happens on the driver, in a Ray Tune callback
+(`weakseg.search.callbacks.MlflowCallback`): trials report to Tune only, with their metrics and a
+checkpoint folder that also holds the evaluation's tables and plots. So worker
+nodes never need to reach the tracking server (which can stay bound to
+localhost on the head node) and a local SQLite store has a single writer.
+
+Child runs are created with `MlflowClient` and the `mlflow.parentRunId` tag
+(what `mlflow.start_run(parent_run_id=...)` writes) plus a `weakseg.trial_id`
+tag, and are found again by that tag when a trial is retried or a search is
+resumed: a trial never gets two runs. The driver, which alone knows whether a
+trial completed, was stopped early by ASHA, diverged or failed, sets the final
+status. Ray's `MLflowLoggerCallback` is not used: it creates a second run for
+every trial after `Tuner.restore`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+from weakseg.errors import UserError
+
+T = TypeVar("T")
+
+TAG_SEARCH = "weakseg.search"  # on the parent: the Ray experiment path it tracks
+TAG_ROLE = "weakseg.role"  # "search" | "trial" | "train"
+TAG_TRIAL = "weakseg.trial_id"
+TAG_OUTCOME = "weakseg.outcome"  # completed | stopped_early | failed | diverged
+TAG_ERROR = "weakseg.error"
+TAG_CHECKPOINT = "weakseg.checkpoint"  # a trial's best checkpoint; on the parent, the search's best
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 5) -> T:
+    """Retry a tracking call: SQLite stores answer "database is locked" under concurrent trials."""
+    delay = 0.2
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # MLflow raises MlflowException / requests errors / sqlalchemy errors
+            if i == attempts - 1:
+                raise UserError(f"MLflow: {what} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, with the URI in the message, when the tracking server can't be reached."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        host = parsed.hostname or "localhost"
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                pass
+        except OSError as e:
+            raise UserError(f"MLflow tracking URI {uri} is unreachable ({e.strerror or e}); start the server or fix "
+                            "settings.mlflow.tracking_uri") from None
+    elif parsed.scheme == "sqlite":
+        db = Path(parsed.path[1:] if parsed.path.startswith("//") else parsed.path)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"MLflow tracking URI {uri}: cannot create {db.parent} ({e.strerror})") from None
+    elif parsed.scheme in ("databricks",):
+        pass
+
+
+def default_artifact_root(uri: str) -> str | None:
+    """Artifacts beside a local SQLite store (MLflow's default would be ./mlruns in the working directory)."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "sqlite":
+        db = Path(parsed.path[1:] if parsed.path.startswith("//") else parsed.path)
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    if parsed.scheme in ("", "file"):
+        return None
+    return None  # a server chooses (mlflow-artifacts:/ with --serve-artifacts)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    client = _client(uri)
+
+    def get_or_create() -> str:
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise UserError(f"MLflow experiment {name!r} is deleted: restore it in the UI or pick another name")
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=default_artifact_root(uri))
+        except Exception:
+            exp = client.get_experiment_by_name(name)  # created by someone else in between
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    return retry(get_or_create, f"creating experiment {name!r} at {uri}")
+
+
+def _metric_batch(scalars: Mapping[str, float], step: int):
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    return [Metric(k, float(v), ts, step) for k, v in scalars.items() if k != "iteration"]
+
+
+def _log_metrics(client, run_id: str, scalars: Mapping[str, float], step: int) -> None:
+    batch = _metric_batch(scalars, step)
+    for i in range(0, len(batch), 500):  # MLflow's per-request limit is 1000 metrics
+        chunk = batch[i : i + 500]
+        retry(lambda: client.log_batch(run_id, metrics=chunk), f"logging metrics to run {run_id}")
+
+
+def _log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, "null" if v is None else str(v)) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 90):  # MLflow's per-request limit is 100 params
+        chunk = items[i : i + 90]
+        retry(lambda: client.log_batch(run_id, params=chunk), f"logging params to run {run_id}")
+
+
+def _log_files(client, run_id: str, files: Mapping[str, Path], artifact_path: str | None) -> None:
+    for name, path in files.items():
+        if Path(path).is_file():
+            retry(lambda: client.log_artifact(run_id, str(path), artifact_path), f"uploading {name} to run {run_id}")
+
+
+# ------------------------------------------------------------------- parent (driver)
+
+
+class SearchRun:
+    """The parent run of a search, created on the driver; found again on resume."""
+
+    def __init__(self, uri: str, experiment: str, search_key: str):
+        self.uri, self.experiment_name, self.search_key = uri, experiment, search_key
+        self.experiment_id = ""
+        self.run_id = ""
+
+    def start(self, resume: bool, params: Mapping[str, Any], space_file: Path, code_version: str) -> str:
+        check_reachable(self.uri)
+        client = _client(self.uri)
+        self.experiment_id = ensure_experiment(self.uri, self.experiment_name)
+        found = self._find_parent(client)
+        if found is not None and resume:
+            self.run_id = found
+            retry(lambda: client.update_run(found, status="RUNNING"), "reopening the search run")
+            return self.run_id
+        run = retry(
+            lambda: client.create_run(
+                self.experiment_id,
+                tags={TAG_SEARCH: self.search_key, TAG_ROLE: "search", "weakseg.code_version": code_version},
+                run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
+            ),
+            "creating the search run",
+        )
+        self.run_id = run.info.run_id
+        _log_params(client, self.run_id, params)
+        _log_files(client, self.run_id, {"space": space_file}, None)
+        return self.run_id
+
+    def _find_parent(self, client) -> str | None:
+        key = self.search_key.replace("'", "\\'")
+        runs = retry(
+            lambda: client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{TAG_SEARCH}` = '{key}' and tags.`{TAG_ROLE}` = 'search'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            ),
+            "looking up the search run",
+        )
+        return runs[0].info.run_id if runs else None
+
+    def children(self) -> dict[str, Any]:
+        """trial id -> child run (one per trial, by construction)."""
+        client = _client(self.uri)
+        runs = retry(
+            lambda: client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'"),
+            "listing trial runs",
+        )
+        return {r.data.tags.get(TAG_TRIAL, r.info.run_id): r for r in runs}
+
+    def finish(self, status: str, metrics: Mapping[str, float], files: Mapping[str, Path]) -> None:
+        client = _client(self.uri)
+        if metrics:
+            _log_metrics(client, self.run_id, metrics, step=0)
+        _log_files(client, self.run_id, files, "summary")
+        retry(lambda: client.set_terminated(self.run_id, status=status), "closing the search run")
+
+    def child(self, trial_id: str, trial_name: str) -> str:
+        """The run of one trial, created on first sight and found again by its tag ever after."""
+        client = _client(self.uri)
+        runs = retry(
+            lambda: client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}' and tags.`{TAG_TRIAL}` = '{trial_id}'",
+            ),
+            f"looking up the run of trial {trial_id}",
+        )
+        if runs:
+            return runs[0].info.run_id
+        run = retry(
+            lambda: client.create_run(
+                self.experiment_id,
+                tags={PARENT_TAG: self.run_id, TAG_TRIAL: trial_id, TAG_ROLE: "trial"},
+                run_name=trial_name,
+            ),
+            f"creating the run of trial {trial_id}",
+        )
+        return run.info.run_id
+
+    def tag_checkpoints(self, by_trial: Mapping[str, str], best: str | None) -> None:
+        """Record where each trial's best checkpoint is (for `export-voc --mlflow-run`)."""
+        client = _client(self.uri)
+        for trial_id, run in self.children().items():
+            if trial_id in by_trial:
+                retry(lambda: client.set_tag(run.info.run_id, TAG_CHECKPOINT, by_trial[trial_id]), "tagging a run")
+        if best:
+            retry(lambda: client.set_tag(self.run_id, TAG_CHECKPOINT, best), "tagging the search run")
+
+    def close_child(self, trial_id: str, status: str, outcome: str, error: str | None = None) -> None:
+        """Set a trial run's final status (driver side)."""
+        client = _client(self.uri)
+        runs = retry(
+            lambda: client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}' and tags.`{TAG_TRIAL}` = '{trial_id}'",
+            ),
+            f"looking up the run of trial {trial_id}",
+        )
+        for r in runs:
+            retry(lambda: client.set_tag(r.info.run_id, TAG_OUTCOME, outcome), "tagging a trial run")
+            if error:
+                retry(lambda: client.set_tag(r.info.run_id, TAG_ERROR, error[:4000]), "tagging a trial run")
+            retry(lambda: client.set_terminated(r.info.run_id, status=status), "closing a trial run")
+
+
+def checkpoint_of_run(uri: str, run_id: str) -> str:
+    """The checkpoint recorded on an MLflow run: a trial's best, or a search's best on its parent run."""
+    check_reachable(uri)
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:
+        raise UserError(f"--mlflow-run {run_id}: no such run at {uri} ({str(e).splitlines()[0]})") from None
+    location = run.data.tags.get(TAG_CHECKPOINT)
+    if not location:
+        raise UserError(f"--mlflow-run {run_id}: the run has no {TAG_CHECKPOINT} tag (not a finished weakseg search)")
+    return location
+
+
+# ------------------------------------------------------------------ `weakseg train`
+
+
+class TrainRunReporter:
+    """MLflow logging for a single `weakseg train` run (tracking.uri / tracking.experiment set)."""
+
+    def __init__(self, cfg, run_dir: Path, inner=None):
+        uri = cfg.tracking.uri or f"sqlite:///{(Path(run_dir).parent / 'mlflow.db').resolve()}"
+        check_reachable(uri)
+        self.inner = inner
+        self.client = _client(uri)
+        exp_id = ensure_experiment(uri, cfg.tracking.experiment or cfg.name)
+        run = retry(
+            lambda: self.client.create_run(exp_id, tags={TAG_ROLE: "train"}, run_name=Path(run_dir).name),
+            "creating the training run",
+        )
+        self.run_id = run.info.run_id
+        self.run_dir = Path(run_dir)
+        _log_params(self.client, self.run_id, cfg.flat())
+        print(f"MLflow: run {self.run_id} in experiment {cfg.tracking.experiment or cfg.name} at {uri}", flush=True)
+
+    def log(self, iteration: int, scalars: dict[str, float]) -> None:
+        _log_metrics(self.client, self.run_id, scalars, iteration)
+        if self.inner is not None:
+            self.inner.log(iteration, scalars)
+
+    def evaluated(self, iteration, scalars, result, final) -> None:
+        _log_metrics(self.client, self.run_id, scalars, iteration)
+        _log_files(self.client, self.run_id, eval_artifacts(self.run_dir), "eval")
+        if self.inner is not None:
+            self.inner.evaluated(iteration, scalars, result, final)
+
+    def close(self, error: BaseException | None = None) -> None:
+        status = "FINISHED" if error is None else ("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        if error is not None:
+            with contextlib.suppress(Exception):
+                self.client.set_tag(self.run_id, TAG_ERROR, str(error)[:4000])
+        retry(lambda: self.client.set_terminated(self.run_id, status=status), "closing the training run")
+
+
+def eval_artifacts(run_dir: Path) -> dict[str, Path]:
+    """The files `engine.fit` writes at each evaluation, worth attaching to a run."""
+    return {
+        "config": run_dir / "config.yaml",
+        "classes.md": run_dir / "eval" / "classes.md",
+        "classes.csv": run_dir / "eval" / "classes.csv",
+        "confusion": run_dir / "eval" / "confusion.png",
+        "overlays": run_dir / "eval" / "overlays.png",
+    }
+
+
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """MLflow's SQLite migrations print INFO lines on first use; keep the console readable."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("mlflow", "alembic")]
+    levels = [l.level for l in loggers]
+    for l in loggers:
+        l.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for l, lv in zip(loggers, levels):
+            l.setLevel(lv)
