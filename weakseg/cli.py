@@ -1,0 +1,369 @@
+"""The `weakseg` command line: one verb per stage (train, evaluate, search, export-voc, make-synthetic).
+
+Each verb parses its arguments, calls one library function and prints where
+its outputs are. Bad input ends with one line naming the culprit and exit
+status 2; nothing here shells out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from weakseg.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+# --------------------------------------------------------------------------- verbs
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from weakseg.config import load_config
+    from weakseg.engine import fit
+
+    cfg = load_config(args.config, args.set)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    if args.resume and args.out is None:
+        raise UserError("--resume needs --out RUN_DIR (the run to continue)")
+    run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = run_dir.resolve()
+    resume_from = None
+    if args.resume:
+        resume_from = run_dir / "checkpoints" / "last.pt"
+        _check_resumable(resume_from, cfg)
+    elif (run_dir / "checkpoints" / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or another --out")
+    reporter = ConsoleReporter()
+    if cfg.tracking.uri or cfg.tracking.experiment:
+        from weakseg.search.tracking import TrainRunReporter
+
+        reporter = TrainRunReporter(cfg, run_dir, inner=reporter)
+    print(f"weakseg train: {cfg.name} -> {run_dir}", flush=True)
+    with reporter_context(reporter):
+        state = fit(cfg, run_dir, resume_from=resume_from, reporter=reporter)
+    print(f"done: {state.iteration} iterations, best val mIoU {_pct(state.best_miou)}")
+    print(f"checkpoints: {run_dir / 'checkpoints'}  tables and plots: {run_dir / 'eval'}")
+    return 0
+
+
+def _check_resumable(path: Path, cfg) -> None:
+    """Resuming with a different model or loss would silently mix two experiments."""
+    from weakseg.checkpoint import checkpoint_config, load_checkpoint
+
+    state = load_checkpoint(path)
+    old = checkpoint_config(state, path).flat()
+    new = cfg.flat()
+    free = ("train.", "optim.iterations", "data.workers", "data.val_limit", "tracking.")
+    diff = [k for k in new if not k.startswith(free) and old.get(k) != new[k]]
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff[:4])
+        raise UserError(f"--resume: the config differs from the run in {path.parent.parent} ({shown})")
+
+
+class ConsoleReporter:
+    """One line per evaluation on stdout."""
+
+    def log(self, iteration: int, scalars: dict[str, float]) -> None:
+        pass
+
+    def evaluated(self, iteration, scalars, result, final) -> None:
+        b = scalars.get("val/boundary_iou", float("nan"))
+        print(
+            f"iter {iteration:>6}  val mIoU {_pct(result.metrics.miou)}  boundary IoU {_pct(b)}  "
+            f"({result.images} images, {result.seconds:.1f} s)",
+            flush=True,
+        )
+
+
+class reporter_context:
+    """Close a reporter (e.g. end its MLflow run with the right status) however training ends."""
+
+    def __init__(self, reporter) -> None:
+        self.reporter = reporter
+
+    def __enter__(self):
+        return self.reporter
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        close = getattr(self.reporter, "close", None)
+        if close is not None:
+            close(error=exc)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from weakseg.checkpoint import load_model
+    from weakseg.data import build
+    from weakseg.data.classes import VOC_CLASSES
+    from weakseg.engine import amp_dtype, evaluate, resolve_device
+    from weakseg.report import class_table, plot_confusion, plot_iou_bars, save_overlays, write_class_table
+
+    device = resolve_device(args.device)
+    ckpt = Path(args.checkpoint)
+    model, cfg, _ = load_model(ckpt, device)
+    root = Path(args.data).resolve() if args.data else None
+    ds = build.eval_dataset(cfg, split=args.split, root=root)
+    ds = build.limit(ds, args.limit)
+    loader = build.eval_loader(ds, build.LoaderOptions(workers=args.workers, pin_memory=device.type == "cuda"))
+    crf = _crf_params(args) if args.crf else None
+    result = evaluate(
+        model, loader, device, cfg.model.num_classes, amp=amp_dtype(cfg, device), crf=crf,
+        crf_workers=args.crf_workers, overlays=args.overlays, progress=sys.stderr.isatty(),
+    )
+    tag = f"eval-{args.split}" + ("-crf" if crf else "")
+    out = Path(args.out).resolve() if args.out else ckpt.resolve().parent.parent / tag
+    names = list(VOC_CLASSES[: cfg.model.num_classes])
+    reference = None
+    if cfg.data.dataset != "synthetic" and args.split == "val":
+        from weakseg.report import PAPER_TABLE1_OURS
+
+        reference = PAPER_TABLE1_OURS
+    rows = class_table(result.metrics, result.boundary, reference=reference)
+    write_class_table(rows, out / "classes.csv", out / "classes.md")
+    plot_confusion(result.metrics.matrix, names, out / "confusion.png")
+    plot_iou_bars(result.metrics.iou, names, out / "iou.png", reference=reference)
+    if result.overlays:
+        save_overlays(result.overlays, out / "overlays.png")
+    _write_json(out / "metrics.json", result.scalars(args.split))
+    print((out / "classes.md").read_text(), end="")
+    print(f"\n{args.split}: mIoU {_pct(result.metrics.miou)} on {result.images} images"
+          f"{' with dense CRF' if crf else ''}; tables and plots in {out}")
+    return 0
+
+
+def _crf_params(args: argparse.Namespace):
+    import dataclasses
+
+    from weakseg.crf import CRFParams
+
+    params = CRFParams()
+    changes = {}
+    for item in args.crf_set or []:
+        key, sep, raw = item.partition("=")
+        fields = {f.name: f for f in dataclasses.fields(CRFParams)}
+        if not sep or key not in fields:
+            raise UserError(f"--crf-set {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        try:
+            changes[key] = type(getattr(params, key))(raw)
+        except ValueError:
+            raise UserError(f"--crf-set {item!r}: {raw!r} is not a valid {type(getattr(params, key)).__name__}")
+    return dataclasses.replace(params, **changes)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from weakseg.search.space import load_space
+
+    overrides = {"samples": args.samples} if args.samples else None
+    space = load_space(args.space, overrides)
+    if args.dry_run:
+        from weakseg.search.run import plan
+
+        print(plan(space))
+        print("space is valid; nothing was started (--dry-run)")
+        return 0
+    from weakseg.search.run import run_search
+
+    out = run_search(space, resume=args.resume, address=args.address, check=not args.no_resource_check)
+    print()
+    print(f"best trial: {out.best_trial or '–'}  {space.settings.metric} = {_pct(out.best_value)}")
+    print(f"results:    {out.results_dir}  (trials.md, best_config.yaml, plots)")
+    print(f"MLflow:     experiment {out.experiment!r}, parent run {out.parent_run_id}")
+    print(f"MLflow UI:  mlflow ui --backend-store-uri {out.tracking_uri} --host 127.0.0.1 --port 5000"
+          if out.tracking_uri.startswith("sqlite") else f"MLflow UI:  {out.tracking_uri}")
+    if out.export_path is not None:
+        print(f"VOC submission: {out.export_path}")
+    return 0
+
+
+def cmd_export_voc(args: argparse.Namespace) -> int:
+    from weakseg.export import export_voc, upload_instructions
+
+    sources = [x for x in (args.checkpoint, args.best, args.mlflow_run) if x]
+    if len(sources) != 1:
+        raise UserError("give exactly one source: CHECKPOINT, --best SEARCH or --mlflow-run RUN_ID")
+    if args.checkpoint:
+        location = args.checkpoint
+    elif args.best:
+        from weakseg.search.checkpoints import best_of_search
+
+        location = best_of_search(Path(args.best))
+    else:
+        from weakseg.search.tracking import checkpoint_of_run
+
+        if not args.tracking_uri:
+            raise UserError("--mlflow-run needs --tracking-uri (e.g. sqlite:///results/mlflow.db or http://host:5000)")
+        location = checkpoint_of_run(args.tracking_uri, args.mlflow_run)
+    if Path(location).suffix == ".pt" and "://" not in location:
+        ckpt = Path(location)
+    else:
+        from weakseg.search.checkpoints import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(location)
+    out = Path(args.out) if args.out else Path(f"voc2012_{args.split}_{time.strftime('%Y%m%d-%H%M%S')}.tar.gz")
+    crf = _crf_params(args) if args.crf else None
+    path = export_voc(
+        ckpt, out.resolve(), data_root=Path(args.data).resolve() if args.data else None, split=args.split, crf=crf,
+        crf_workers=args.crf_workers, device=args.device, force=args.force, workers=args.workers,
+    )
+    import tarfile
+
+    with tarfile.open(path, "r:gz") as tar:
+        n = sum(1 for m in tar.getmembers() if m.name.endswith(".png"))
+    print(upload_instructions(path, n, args.split))
+    return 0
+
+
+def cmd_cluster_validate(args: argparse.Namespace) -> int:
+    from weakseg.search.cluster import validate_cluster_config
+
+    for f in args.files:
+        print(validate_cluster_config(Path(f)))
+    return 0
+
+
+def cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from weakseg.data.synthetic import make_synthetic
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    voc = make_synthetic(
+        Path(args.out).resolve(), n_train=args.train, n_val=args.val, n_test=args.test, size=args.size,
+        seed=args.seed, classes=classes, test_masks=args.test_masks, overwrite=args.force,
+    )
+    print(f"synthetic VOC 2012 layout written to {voc}")
+    print(f"train with: weakseg train demo --set data.root={Path(args.out).resolve()}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _pct(x: float) -> str:
+    return "   –  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}%"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    import json
+
+    from weakseg.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def user_message(e: BaseException) -> str:
+    """One line for the user, also when a DataLoader worker re-raised our error with its traceback."""
+    text = str(e).strip()
+    marker = "UserError: "
+    if "Original Traceback" in text and marker in text:
+        text = text.rsplit(marker, 1)[1].strip()
+    return " ".join(text.split("\n")[0].split()) if "\n" in text else text
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="weakseg",
+        description="Weakly supervised semantic segmentation from image-level labels "
+        "(Pandey & Dukkipati) with Ray Tune + Optuna + MLflow hyperparameter search.",
+    )
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    t = sub.add_parser("train", help="train one model from a config (name or YAML path)")
+    t.add_argument("config", help="shipped config name (paper, demo) or a YAML file")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--out", help="run folder (default: runs/<name>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="mIoU, per-class IoU and boundary quality of a checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", help="VOC root (default: the checkpoint's data.root)")
+    e.add_argument("--split", default="val")
+    e.add_argument("--crf", action="store_true", help="dense-CRF post-processing (pydensecrf)")
+    e.add_argument("--crf-set", action="append", metavar="KEY=VALUE", help="override a CRF parameter")
+    e.add_argument("--crf-workers", type=int, default=2, help="CRF worker processes")
+    e.add_argument("--workers", type=int, default=2, help="data-loading workers")
+    e.add_argument("--limit", type=int, default=0, help="first N images only (0: all)")
+    e.add_argument("--overlays", type=int, default=8, help="prediction overlays to save")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", help="output folder (default: <run>/eval-<split>[-crf])")
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("search", help="hyperparameter search on Ray Tune (Optuna TPE, optional ASHA), logged to MLflow")
+    s.add_argument("space", help="search-space YAML (see search_spaces/)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    s.add_argument("--dry-run", action="store_true", help="validate the space and print the plan")
+    s.add_argument("--samples", type=int, help="override settings.samples")
+    s.add_argument("--no-resource-check", action="store_true",
+                   help="skip the check that the cluster can run one trial (autoscalers unknown to weakseg)")
+    s.set_defaults(func=cmd_search)
+
+    x = sub.add_parser("export-voc", help="write the PASCAL VOC 2012 evaluation server's submission tarball")
+    x.add_argument("checkpoint", nargs="?", help="a weakseg checkpoint (.pt) or Tune checkpoint folder")
+    x.add_argument("--best", metavar="SEARCH", help="the best model of a search: results/<name>/ or its space file")
+    x.add_argument("--mlflow-run", metavar="RUN_ID", help="the checkpoint recorded on an MLflow run")
+    x.add_argument("--tracking-uri", help="MLflow tracking URI for --mlflow-run")
+    x.add_argument("--data", help="VOC root (default: the checkpoint's data.root)")
+    x.add_argument("--split", default="test")
+    x.add_argument("--crf", action="store_true", help="dense-CRF post-processing")
+    x.add_argument("--crf-set", action="append", metavar="KEY=VALUE", help="override a CRF parameter")
+    x.add_argument("--crf-workers", type=int, default=2)
+    x.add_argument("--workers", type=int, default=2)
+    x.add_argument("--device", default="auto")
+    x.add_argument("--out", help="the .tar.gz to write (default: voc2012_<split>_<time>.tar.gz)")
+    x.add_argument("--force", action="store_true", help="replace an existing archive")
+    x.set_defaults(func=cmd_export_voc)
+
+    c = sub.add_parser("cluster", help="cluster-launcher configs (see cluster/README.md)")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cv = csub.add_parser("validate", help="check `ray up` configs and KubeRay manifests before launching")
+    cv.add_argument("files", nargs="+", metavar="FILE")
+    cv.set_defaults(func=cmd_cluster_validate)
+
+    m = sub.add_parser("make-synthetic", help="write a synthetic data set in the VOC 2012 devkit layout")
+    m.add_argument("out")
+    m.add_argument("--train", type=int, default=200)
+    m.add_argument("--val", type=int, default=50)
+    m.add_argument("--test", type=int, default=50)
+    m.add_argument("--size", type=int, default=128, help="longer image side in pixels")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--classes", help="comma-separated VOC class names (default: a built-in subset)")
+    m.add_argument("--test-masks", action="store_true", help="also write test masks (real VOC has none)")
+    m.add_argument("--force", action="store_true", help="replace an existing data set")
+    m.set_defaults(func=cmd_make_synthetic)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as e:
+        print(f"weakseg {args.verb}: error: {user_message(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"weakseg {args.verb}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RuntimeError as e:
+        # a DataLoader worker re-raises our UserError as a RuntimeError subclass in some versions
+        if "UserError: " in str(e):
+            print(f"weakseg {args.verb}: error: {user_message(e)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
