@@ -35,7 +35,7 @@ TRIAL = {
 
 
 def make_space(tmp_path: Path, synth_root: Path, name: str, *, samples: int, iterations: int, eval_every: int,
-               scheduler=None, resources=None, concurrent: int = 2) -> Path:
+               scheduler=None, resources=None, concurrent: int = 2, export=None) -> Path:
     space = {
         "name": name,
         "base": "demo",
@@ -52,6 +52,8 @@ def make_space(tmp_path: Path, synth_root: Path, name: str, *, samples: int, ite
             "results_dir": str(tmp_path / "results"),
         },
     }
+    if export:
+        space["export"] = export
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path
@@ -77,7 +79,7 @@ def runs_of(tmp_path: Path, name: str):
 
 
 def test_search_logs_parent_and_children_with_per_class_metrics(tmp_path: Path, synth_root: Path):
-    space = make_space(tmp_path, synth_root, "t1", samples=3, iterations=4, eval_every=2)
+    space = make_space(tmp_path, synth_root, "t1", samples=3, iterations=4, eval_every=2, export={"split": "test"})
     r = subprocess.run([sys.executable, "-m", "weakseg", "search", str(space)], capture_output=True, text=True,
                        timeout=600, env=search_env(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -112,6 +114,13 @@ def test_search_logs_parent_and_children_with_per_class_metrics(tmp_path: Path, 
     assert cfg["optim"]["iterations"] == 4 and cfg["model"]["backbone"] == "tiny"
     assert (Path(best["best_checkpoint"]) / "checkpoint.pt").is_file()
     assert (out / "metric_vs_lambda.png").stat().st_size > 1000 and (out / "best_iou.png").is_file()
+    # `export: {split: test}`: the search ends with the VOC server tarball of its best model
+    import tarfile
+
+    ids = (synth_root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "test.txt").read_text().split()
+    with tarfile.open(out / "voc_test_submission.tar.gz") as tar:
+        names = {m.name.rsplit("/", 1)[-1] for m in tar.getmembers() if m.isfile()}
+    assert names == {f"{i}.png" for i in ids}
 
 
 def test_resume_after_driver_sigkill(tmp_path: Path, synth_root: Path):
