@@ -192,3 +192,24 @@ def test_cli_train_resume_evaluate(tmp_path: Path, tiny_overrides):
     assert r.returncode == 0, r.stderr
     assert "background" in r.stdout and (tmp_path / "ev" / "classes.csv").is_file()
     assert (tmp_path / "ev" / "metrics.json").is_file()
+
+
+def test_evaluate_with_dense_crf_matches_refining_each_image(synth_root: Path):
+    """The pooled CRF path gives the confusion matrix of refining every image one by one."""
+    from weakseg.crf import CRFParams, refine
+    from weakseg.engine import predict_probs
+    from weakseg.metrics import ConfusionMatrix
+
+    torch.manual_seed(0)
+    model = SegNet("tiny", 21, 16, 4).eval()
+    ds = build.eval_dataset(load_config("demo", [f"data.root={synth_root}"]), split="val", root=synth_root)
+    loader = build.eval_loader(ds, build.LoaderOptions(workers=0, pin_memory=False))
+    res = evaluate(model, loader, torch.device("cpu"), 21, crf=CRFParams(iterations=3), crf_workers=2,
+                   boundary=False)
+    cm = ConfusionMatrix(21)
+    for i in range(len(ds)):
+        item = ds[i]
+        probs = predict_probs(model, item["image"][None])[0].numpy()
+        refined = refine(item["image"].permute(1, 2, 0).numpy().copy(), probs, CRFParams(iterations=3))
+        cm.update(torch.from_numpy(refined.argmax(0)), item["mask"])
+    np.testing.assert_array_equal(res.metrics.matrix, cm.compute().matrix)

@@ -135,7 +135,7 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, e.g. {"loss.lam": 0.3, ...}: what MLflow logs as params."""
-        return _flatten(self.to_dict())
+        return flatten(self.to_dict())
 
 
 # ------------------------------------------------------------------- key registry
@@ -234,12 +234,13 @@ def _collect_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
             _collect_lines(v, key + ".", out)
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested YAML sections to dotted keys."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
@@ -261,7 +262,7 @@ def file_settings(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Setting
         if not isinstance(base, str):
             raise ConfigError(f"{path}:{lines.get('base', 1)}: base: must be a config name or path")
         settings.update(file_settings(resolve_config_path(base, relative_to=path.parent), _seen + (path,)))
-    for key, value in _flatten(data).items():
+    for key, value in flatten(data).items():
         settings[key] = Setting(value, f"{path}:{lines.get(key, 1)}", path.parent)
     return settings
 
@@ -284,7 +285,7 @@ def parse_overrides(items: list[str], origin: str = "--set") -> dict[str, Settin
 
 def mapping_settings(values: Mapping[str, Any], origin: str, base_dir: Path | None) -> dict[str, Setting]:
     """Settings from an in-memory mapping (search trials, tests)."""
-    return {k: Setting(v, origin, base_dir) for k, v in _flatten(values).items()}
+    return {k: Setting(v, origin, base_dir) for k, v in flatten(values).items()}
 
 
 def load_config(

@@ -154,3 +154,24 @@ def _refine_pool(
         for f in pending:
             f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def refine_stream(items: Iterable[tuple], params: CRFParams, workers: int = 0) -> Iterator[tuple]:
+    """Refine (key, image (3, H, W) uint8 tensor, probs (C, H, W) tensor) triples, in order.
+
+    `key` rides along untouched (a mask, an image id); the refined probabilities
+    come back as a float32 CPU tensor. Used by evaluation and by the VOC export.
+    """
+    import torch
+
+    held: deque = deque()
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for key, image, probs in items:
+            held.append((key, image))
+            yield image.permute(1, 2, 0).contiguous().cpu().numpy(), probs.float().cpu().numpy()
+
+    for refined in refine_many(pairs(), params, workers=workers):
+        key, image = held.popleft()
+        yield key, image, torch.from_numpy(refined)
+

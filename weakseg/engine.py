@@ -28,7 +28,7 @@ from weakseg.config import Config, save_config
 from weakseg.data import build
 from weakseg.data.classes import IGNORE_INDEX, VOC_CLASSES
 from weakseg.errors import UserError
-from weakseg.io import atomic_write_text
+from weakseg.io import atomic_write_text, csv_text
 from weakseg.losses.objective import LossParts, full_loss, lam_at, weak_loss
 from weakseg.metrics import BoundaryMetrics, ConfusionMatrix, SegMetrics
 
@@ -128,12 +128,14 @@ def evaluate(
         for batch in _progress(loader, progress, "eval"):
             image = batch["image"].to(device, non_blocking=True)  # (1, 3, H, W) uint8
             probs = predict_probs(model, image, amp)  # (1, C, H, W)
-            yield batch["image"][0], probs[0], batch["mask"][0]
+            yield batch["mask"][0], batch["image"][0], probs[0]
 
     stream: Iterable[tuple[Tensor, Tensor, Tensor]] = predictions()
     if crf is not None:
-        stream = _crf_stream(stream, crf, crf_workers)
-    for image, probs, mask in stream:
+        from weakseg.crf import refine_stream
+
+        stream = refine_stream(stream, crf, crf_workers)
+    for mask, image, probs in stream:
         pred = probs.argmax(dim=0)  # (H, W)
         mask = mask.to(pred.device)
         cm.update(pred, mask)
@@ -153,22 +155,6 @@ def evaluate(
         images=n,
         seconds=time.perf_counter() - t0,
     )
-
-
-def _crf_stream(stream, params, workers):
-    """Refine (image, probs, mask) triples with the dense CRF in worker processes, keeping order."""
-    from weakseg.crf import refine_many
-
-    held: list[tuple[Tensor, Tensor]] = []
-
-    def pairs():
-        for image, probs, mask in stream:
-            held.append((image, mask))
-            yield image.permute(1, 2, 0).contiguous().numpy(), probs.float().cpu().numpy()
-
-    for refined in refine_many(pairs(), params, workers=workers):
-        image, mask = held.pop(0)
-        yield image, torch.from_numpy(refined), mask
 
 
 def _progress(it, enabled: bool, desc: str):
@@ -394,16 +380,7 @@ def _evaluate_and_checkpoint(state, cfg, run_dir, val_loader, device, amp, progr
 
 
 def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, csv_text(rows))
 
 
 def _restore(state: TrainState, path: Path, device: torch.device) -> None:

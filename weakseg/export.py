@@ -116,7 +116,9 @@ def export_voc(
         expected: dict[str, tuple[int, int]] = {}
         stream = predictions()
         if crf is not None:
-            stream = _refined(stream, crf, crf_workers)
+            from weakseg.crf import refine_stream
+
+            stream = refine_stream(stream, crf, crf_workers)
         for n, (image_id, image, probs) in enumerate(stream, 1):
             pred = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()  # (H, W) at the image's own size
             write_prediction(folder / f"{image_id}.png", pred)
@@ -129,21 +131,6 @@ def export_voc(
         out.parent.mkdir(parents=True, exist_ok=True)
         pack(stage, out, force)
     return out
-
-
-def _refined(stream, params, workers):
-    from weakseg.crf import refine_many
-
-    held: list[tuple[str, torch.Tensor]] = []
-
-    def pairs():
-        for image_id, image, probs in stream:
-            held.append((image_id, image))
-            yield image.permute(1, 2, 0).contiguous().numpy(), probs.float().cpu().numpy()
-
-    for refined in refine_many(pairs(), params, workers=workers):
-        image_id, image = held.pop(0)
-        yield image_id, image, torch.from_numpy(refined)
 
 
 def read_archive(path: Path, into: Path) -> Path:

@@ -7,6 +7,8 @@ Everything is written to a temporary file in the destination folder and
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -42,3 +44,16 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)` and move the result into place."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def csv_text(rows: list[dict]) -> str:
+    """CSV of dict rows; the header is the union of their keys in first-seen order."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+

@@ -46,6 +46,7 @@ from weakseg.config import (
     build_config,
     choices,
     file_settings,
+    flatten,
     load_yaml,
     resolve_config_path,
     schema,
@@ -241,7 +242,7 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     if not isinstance(fixed_raw, dict):
         raise loc.error("fixed", "must be a mapping of training-config keys to values")
     fixed: dict[str, Setting] = {}
-    for k, v in _flatten_keys(fixed_raw).items():
+    for k, v in flatten(fixed_raw).items():
         if k not in keys:
             raise loc.error(f"fixed.{k}", f"not a training-config key{_hint(k, keys)}")
         fixed[k] = Setting(v, loc.at(f"fixed.{k}"), path.parent)
@@ -282,17 +283,6 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     if overrides:
         space = dataclasses.replace(space, settings=dataclasses.replace(space.settings, **overrides))
     return space
-
-
-def _flatten_keys(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten_keys(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _hint(key: str, options) -> str:

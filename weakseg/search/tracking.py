@@ -202,16 +202,19 @@ class SearchRun:
         _log_files(client, self.run_id, files, "summary")
         retry(lambda: client.set_terminated(self.run_id, status=status), "closing the search run")
 
-    def child(self, trial_id: str, trial_name: str) -> str:
-        """The run of one trial, created on first sight and found again by its tag ever after."""
-        client = _client(self.uri)
-        runs = retry(
+    def _runs_of_trial(self, client, trial_id: str) -> list:
+        return retry(
             lambda: client.search_runs(
                 [self.experiment_id],
                 filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}' and tags.`{TAG_TRIAL}` = '{trial_id}'",
             ),
             f"looking up the run of trial {trial_id}",
         )
+
+    def child(self, trial_id: str, trial_name: str) -> str:
+        """The run of one trial, created on first sight and found again by its tag ever after."""
+        client = _client(self.uri)
+        runs = self._runs_of_trial(client, trial_id)
         if runs:
             return runs[0].info.run_id
         run = retry(
@@ -236,14 +239,7 @@ class SearchRun:
     def close_child(self, trial_id: str, status: str, outcome: str, error: str | None = None) -> None:
         """Set a trial run's final status (driver side)."""
         client = _client(self.uri)
-        runs = retry(
-            lambda: client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}' and tags.`{TAG_TRIAL}` = '{trial_id}'",
-            ),
-            f"looking up the run of trial {trial_id}",
-        )
-        for r in runs:
+        for r in self._runs_of_trial(client, trial_id):
             retry(lambda: client.set_tag(r.info.run_id, TAG_OUTCOME, outcome), "tagging a trial run")
             if error:
                 retry(lambda: client.set_tag(r.info.run_id, TAG_ERROR, error[:4000]), "tagging a trial run")

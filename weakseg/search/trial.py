@@ -18,8 +18,6 @@ retry would replay the same batches from the same checkpoint and diverge again.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import shutil
 import tempfile
@@ -29,6 +27,7 @@ from typing import Any, Mapping
 
 from weakseg.config import build_config, mapping_settings
 from weakseg.engine import TrainingDiverged, fit
+from weakseg.io import csv_text
 
 CHECKPOINT_FILE = "checkpoint.pt"
 TRAIN_LOG_FILE = "train_log.csv"
@@ -68,20 +67,9 @@ class TuneReporter:
             for name in EVAL_FILES:
                 if (self.run_dir / "eval" / name).is_file():
                     shutil.copy2(self.run_dir / "eval" / name, folder / "eval" / name)
-            (folder / TRAIN_LOG_FILE).write_text(_csv(self.train_log))
+            (folder / TRAIN_LOG_FILE).write_text(csv_text(self.train_log))
             self.train_log = []
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-
-
-def _csv(rows: list[dict[str, float]]) -> str:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
