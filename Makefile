@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/weakseg search search_spaces/demo.yaml
 
 test: $(STAMP)
+	@bash scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)

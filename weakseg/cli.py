@@ -162,7 +162,9 @@ def _crf_params(args: argparse.Namespace):
 def cmd_search(args: argparse.Namespace) -> int:
     from weakseg.search.space import load_space
 
-    overrides = {"samples": args.samples} if args.samples else None
+    if args.samples is not None and args.samples < 1:
+        raise UserError(f"--samples {args.samples}: must be at least 1")
+    overrides = {"samples": args.samples} if args.samples is not None else None
     space = load_space(args.space, overrides)
     if args.dry_run:
         from weakseg.search.run import plan
@@ -234,8 +236,11 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
     from weakseg.data.synthetic import make_synthetic
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    out = Path(args.out).resolve()
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise UserError(f"make-synthetic: {out} exists and is not empty (pass --force to replace a generated set)")
     voc = make_synthetic(
-        Path(args.out).resolve(), n_train=args.train, n_val=args.val, n_test=args.test, size=args.size,
+        out, n_train=args.train, n_val=args.val, n_test=args.test, size=args.size,
         seed=args.seed, classes=classes, test_masks=args.test_masks, overwrite=args.force,
     )
     print(f"synthetic VOC 2012 layout written to {voc}")
@@ -357,6 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"weakseg {args.verb}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `weakseg search X --dry-run | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except RuntimeError as e:
         # a DataLoader worker re-raises our UserError as a RuntimeError subclass in some versions
         if "UserError: " in str(e):

@@ -261,7 +261,11 @@ def file_settings(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Setting
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"{path}:{lines.get('base', 1)}: base: must be a config name or path")
-        settings.update(file_settings(resolve_config_path(base, relative_to=path.parent), _seen + (path,)))
+        try:
+            base_path = resolve_config_path(base, relative_to=path.parent)
+        except ConfigError as e:
+            raise ConfigError(f"{path}:{lines.get('base', 1)}: base: {e}") from None
+        settings.update(file_settings(base_path, _seen + (path,)))
     for key, value in flatten(data).items():
         settings[key] = Setting(value, f"{path}:{lines.get(key, 1)}", path.parent)
     return settings

@@ -571,7 +571,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"make_synthetic: {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise UserError(f"make_synthetic: {out} exists and is not empty; pass overwrite=True to replace it")
+            raise UserError(f"make_synthetic: {out} exists and is not empty; pass overwrite=True (CLI: --force) to replace it")
         if not (out / MANIFEST).is_file():
             raise UserError(
                 f"make_synthetic: refusing to replace {out}: it is not empty and has no {MANIFEST}, "

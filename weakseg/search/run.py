@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -102,6 +103,20 @@ def init_ray(address: str | None) -> None:
     ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False)
 
 
+def probe_address(target: str) -> None:
+    """Fail fast when nothing listens at HOST:PORT: ray.init would retry there for a very long time."""
+    if target == "auto" or "://" in target:
+        return
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"--address {target}: expected HOST:PORT, auto, or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except OSError as e:
+        raise UserError(f"--address {target}: no Ray cluster answers there ({e.strerror or e})") from None
+
+
 def prepare_local_auth(address: str | None) -> None:
     """Token authentication for a local Ray, made explicit (must run before ray is imported).
 
@@ -111,6 +126,9 @@ def prepare_local_auth(address: str | None) -> None:
     """
     if address or os.environ.get("RAY_ADDRESS"):
         return
+    # nothing phones home from a local run unless the user asks for it
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if os.environ["RAY_AUTH_MODE"].lower() == "token":
         ensure_auth_token()
@@ -216,6 +234,12 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
             "pass --resume to continue it, or change `name` in the space file"
         )
 
+    from weakseg.search.tracking import check_reachable
+
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        probe_address(target)
+    check_reachable(space.tracking_uri)  # before Ray starts: an unreachable server fails in a second
     init_ray(address)
     if check:
         check_resources(s.resources.cpu, s.resources.gpu)

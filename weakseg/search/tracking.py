@@ -18,6 +18,7 @@ every trial after `Tuner.restore`.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 import urllib.parse
@@ -72,12 +73,17 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                             "settings.mlflow.tracking_uri") from None
     elif parsed.scheme == "sqlite":
         db = Path(parsed.path[1:] if parsed.path.startswith("//") else parsed.path)
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"MLflow tracking URI {uri}: cannot create {db.parent} ({e.strerror})") from None
+        existing = next(p for p in (db.parent, *db.parent.parents) if p.exists())
+        if not os.access(existing, os.W_OK):
+            raise UserError(f"MLflow tracking URI {uri}: {existing} is not writable")
     elif parsed.scheme in ("databricks",):
         pass
+
+
+def _make_sqlite_folder(uri: str) -> None:
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "sqlite":
+        Path(parsed.path[1:] if parsed.path.startswith("//") else parsed.path).parent.mkdir(parents=True, exist_ok=True)
 
 
 def default_artifact_root(uri: str) -> str | None:
@@ -153,6 +159,7 @@ class SearchRun:
 
     def start(self, resume: bool, params: Mapping[str, Any], space_file: Path, code_version: str) -> str:
         check_reachable(self.uri)
+        _make_sqlite_folder(self.uri)
         client = _client(self.uri)
         self.experiment_id = ensure_experiment(self.uri, self.experiment_name)
         found = self._find_parent(client)
@@ -269,6 +276,7 @@ class TrainRunReporter:
     def __init__(self, cfg, run_dir: Path, inner=None):
         uri = cfg.tracking.uri or f"sqlite:///{(Path(run_dir).parent / 'mlflow.db').resolve()}"
         check_reachable(uri)
+        _make_sqlite_folder(uri)
         self.inner = inner
         self.client = _client(uri)
         exp_id = ensure_experiment(uri, cfg.tracking.experiment or cfg.name)
