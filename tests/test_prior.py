@@ -1,11 +1,12 @@
 """Adaptive max-entropy prior (eq. 5–7, 19–22) against independent oracles.
 
 Oracles: scipy's SLSQP from many starting points on the same program in float64
-(both in β and in log β), brute-force grid scans (|y| = 2 in one dimension,
-|y| = 3 over a 2-D grid), closed forms (flat probabilities: q = β, so the
-program is water-filling; a two-pixel case solved by the quadratic formula),
-random sampling for the minimum of eq. 22's violation, and plain re-runs on
-cropped / per-image / permuted inputs.
+(both in β and in log β), on i.i.d. and on network-like (spatially smooth)
+probabilities, brute-force grid scans (|y| = 2 in one dimension, |y| = 3 over a
+2-D grid), scipy's brentq for the |y| = 2 root at full resolution, closed forms
+(flat probabilities: q = β, so the program is water-filling; a two-pixel case
+solved by the quadratic formula), random sampling for the minimum of eq. 22's
+violation, and plain re-runs on cropped / per-image / permuted / float32 inputs.
 """
 
 import math
@@ -13,8 +14,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import minimize
-from scipy.special import entr, softmax
+from scipy.ndimage import zoom
+from scipy.optimize import brentq, minimize
+from scipy.special import entr, expit, softmax
 
 from weakseg.errors import UserError
 from weakseg.losses.prior import adaptive_prior, pixel_label_targets
@@ -169,6 +171,63 @@ def test_matches_multistart_slsqp_on_random_instances(seed):
     assert feasible_seen > 25 and infeasible_seen > 4
 
 
+def smooth_probs(rng: np.random.Generator, C: int, h: int, w: int, sharpness: float) -> np.ndarray:
+    """Softmax of spatially smooth logits: a coarse random field upsampled (bilinear), as a network's
+    output looks (blobs of classes); sharpness 1 is an untrained network, 10 a confident one."""
+    coarse = rng.normal(size=(C, max(2, h // 4), max(2, w // 4)))
+    L = zoom(coarse, (1, h / coarse.shape[1], w / coarse.shape[2]), order=1)[:, :h, :w]
+    return softmax(L / L.std() * sharpness, 0)
+
+
+def test_matches_multistart_slsqp_on_network_like_instances():
+    rng = np.random.default_rng(2000)
+    instances = []
+    for i in range(24):
+        h, w = [(8, 8), (12, 10), (16, 16)][i % 3]
+        k = 3 + i % 3  # |y| = 3, 4 (Σc = 1 at the defaults), 5 (infeasible at the defaults)
+        present = np.zeros(21, bool)
+        present[0] = True
+        present[rng.choice(np.arange(1, 21), k - 1, replace=False)] = True
+        cb, cf = (0.4, 0.2) if i % 2 == 0 else (float(rng.uniform(0.1, 0.5)), float(rng.uniform(0.05, 0.3)))
+        instances.append(dict(C=21, h=h, w=w, probs=smooth_probs(rng, 21, h, w, (1.0, 3.0, 6.0, 10.0)[i % 4]),
+                              present=present, cb=cb, cf=cf))
+    betas = run_batched(instances)
+    for inst, beta in zip(instances, betas):
+        present = inst["present"]
+        b = beta[present]
+        assert np.all(beta[~present] == 0.0) and b.sum() == pytest.approx(1.0, abs=1e-12)
+        P = restrict(inst["probs"], present)
+        c = np.array([inst["cb"]] + [inst["cf"]] * (len(b) - 1))
+        h_ref, b_ref = slsqp_oracle(P, c, rng)
+        assert b_ref is not None
+        assert shortfall(P, b, c) <= 1e-9, (len(b), inst["cb"], inst["cf"])
+        if c.sum() > 1:
+            assert violation(P, b, c) <= violation(P, b_ref, c) + 1e-9
+        assert entropy(b) >= h_ref - 1e-3, (len(b), inst["cb"], inst["cf"], entropy(b), h_ref)
+
+
+def test_global_maximum_at_an_isolated_vertex_by_grid():
+    # peaked "regions" probabilities, |y| = 3: every interior path ends at a local maximum
+    # with H ≈ 0.716 (only the third class's constraint active), the global one is the vertex
+    # where background and third class are both at their bound (H ≈ 0.815)
+    inst = random_instances(seed=8, n=54)[41]
+    present = inst["present"]
+    assert present.sum() == 3 and inst["kind"] == "regions"
+    P = restrict(inst["probs"], present)
+    c = np.array([inst["cb"], inst["cf"], inst["cf"]])
+    x = np.linspace(-10, 10, 401)
+    X1, X2 = np.meshgrid(x, x, indexing="ij")
+    B = softmax(np.stack([np.zeros_like(X1), X1, X2], -1), -1).reshape(-1, 3)  # (G, 3)
+    W = P[None] * B[:, None]
+    ok = ((W / W.sum(2, keepdims=True)).mean(1) >= c).all(1)
+    h_grid = (-(B * np.log(B)).sum(1))[ok].max()
+    assert h_grid > 0.8  # the grid resolves the corner
+    beta = one_image(inst["probs"], np.flatnonzero(present), c_bg=inst["cb"], c_fg=inst["cf"])[present]
+    assert shortfall(P, beta, c) <= 1e-9
+    assert entropy(beta) >= h_grid - 1e-9
+    np.testing.assert_allclose(masses(P, beta)[[0, 2]], c[[0, 2]], rtol=0, atol=1e-9)  # exactly the vertex
+
+
 # ---------------------------------------------------------------- |y| = 2: brute force
 
 def grid_scan_two(P: np.ndarray, c: np.ndarray) -> float:
@@ -210,6 +269,30 @@ def test_two_classes_equal_the_refined_grid_search(seed):
             b = np.array([1 - b1, b1])
             assert violation(P, b, c) <= max(c.sum() - 1, 0) + 1e-9  # exact, not up to a grid
             assert entropy(b) >= entropy(np.array([1 - ref, ref])) - 1e-9
+
+
+@pytest.mark.parametrize("kind", ["peaked", "regions", "smooth"])
+def test_two_classes_at_full_resolution_match_brentq(kind):
+    # 56×56 grids, the paper's resolution: the root m_1(x) = t of the clamped target, x = log(β_1/β_0)
+    rng = np.random.default_rng(300)
+    C, h, w = 21, 56, 56
+    probs, labels, shares = [], [], []
+    for cb, cf in [(0.4, 0.2), (0.3, 0.5), (0.45, 0.1), (0.7, 0.5), (0.05, 0.9), (0.9, 0.05)]:
+        present = np.zeros(C, bool)
+        present[[0, int(rng.integers(1, C))]] = True
+        p = smooth_probs(rng, C, h, w, 8.0) if kind == "smooth" else make_probs(rng, C, h, w, kind, present)
+        probs.append(p)
+        labels.append(present)
+        shares.append((cb, cf))
+    for p, present, (cb, cf) in zip(probs, labels, shares):
+        beta = one_image(p, np.flatnonzero(present), c_bg=cb, c_fg=cf)[present]
+        P = restrict(p, present)
+        a = np.log(P[:, 1] / P[:, 0])
+        m0 = expit(a).mean()  # m_1 at uniform β
+        lo, hi = (cf, 1 - cb) if cb + cf <= 1 else (1 - cb, cf)
+        t = min(max(m0, lo), hi)
+        x_ref = brentq(lambda x: expit(a + x).mean() - t, -200, 200, xtol=1e-14, rtol=1e-15)
+        assert math.log(beta[1] / beta[0]) == pytest.approx(x_ref, abs=1e-9), (kind, cb, cf)
 
 
 # ---------------------------------------------------------------- hand-computed cases
@@ -363,6 +446,29 @@ def test_targets_are_detached_normalised_and_zero_off_y(device, dtype):
     # q is eq. 5 with this β
     w = probs.detach().double() * beta.double()[:, :, None, None]
     torch.testing.assert_close(q.double(), w / w.sum(1, keepdim=True), atol=tol, rtol=0)
+
+
+def test_float32_input_gives_the_float64_answer():
+    # the solver works in float64 (its multi-start phase in float32, then polished): a float32
+    # input only changes the output's rounding
+    g = torch.Generator().manual_seed(6)
+    probs = (torch.randn(6, 21, 14, 14, generator=g) * 6).softmax(1)  # float32, peaked
+    labels = torch.zeros(6, 21)
+    for b, ids in enumerate([[4], [2, 9], [1, 4, 6], [3, 11, 12], [7, 13, 14, 15], [5, 6, 8, 16]]):
+        labels[b, ids] = 1
+    beta32 = adaptive_prior(probs, labels, c_bg=0.35, c_fg=0.15)
+    beta64 = adaptive_prior(probs.double(), labels, c_bg=0.35, c_fg=0.15)
+    assert beta32.dtype == torch.float32
+    torch.testing.assert_close(beta32.double(), beta64, atol=1e-6, rtol=0)
+    q = pixel_label_targets(probs, labels, c_bg=0.35, c_fg=0.15).double()
+    m = q.mean((2, 3))  # (B, C)
+    present = labels.bool()
+    present[:, 0] = True
+    c = torch.where(present, 0.15, 0.0).double()
+    c[:, 0] = 0.35
+    for b in range(6):
+        sign = 1.0 if c[b].sum() <= 1 else -1.0
+        assert (sign * (m[b] - c[b]))[present[b]].min() >= -1e-6
 
 
 def test_inputs_are_not_modified():
