@@ -1,5 +1,6 @@
 """Training and evaluation loops: exact resume, the paper's schedule, evaluation at native size, failures."""
 
+import json
 import math
 import subprocess
 import sys
@@ -213,3 +214,29 @@ def test_evaluate_with_dense_crf_matches_refining_each_image(synth_root: Path):
         refined = refine(item["image"].permute(1, 2, 0).numpy().copy(), probs, CRFParams(iterations=3))
         cm.update(torch.from_numpy(refined.argmax(0)), item["mask"])
     np.testing.assert_array_equal(res.metrics.matrix, cm.compute().matrix)
+
+
+def test_train_and_evaluate_log_to_mlflow_when_configured(tmp_path: Path, tiny_overrides):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}"
+    sets = [x for o in tiny_overrides + ["optim.iterations=2", "train.eval_every=1", "train.log_every=1",
+                                         f"tracking.uri={uri}", "tracking.experiment=single"] for x in ("--set", o)]
+    from weakseg.cli import main
+
+    assert main(["train", "demo", *sets, "--out", str(tmp_path / "run")]) == 0
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("single")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["optim.iterations"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/miou")] == [1, 2]
+    assert "val/boundary_iou" in run.data.metrics and "val/iou/background" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/classes.md"}
+
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    assert main(["evaluate", str(ckpt), "--workers", "0", "--out", str(tmp_path / "ev")]) == 0
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`weakseg.role` = 'evaluate'")
+    assert len(runs) == 1
+    ev = runs[0]
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev.data.metrics["val/miou"] == pytest.approx(metrics["val/miou"])

@@ -144,3 +144,32 @@ def test_cli_dry_run_and_bad_space_exit_codes(tmp_path: Path):
 def test_scheduler_type_none_needs_no_asha_options(tmp_path: Path):
     text = GOOD.replace("  scheduler: {type: asha, grace: 100, max_t: 400}", "  scheduler: {type: none}")
     assert load_space(write(tmp_path, text)).settings.scheduler.type == "none"
+
+
+def test_grid_sampler_visits_every_combination_once_even_concurrently():
+    """lambda_sweep.yaml: a grid over variant × grad × λ, each point exactly once with 2 trials in flight."""
+    import itertools
+
+    from weakseg.search.run import _sampler
+
+    space = load_space(REPO / "search_spaces" / "lambda_sweep.yaml")
+    grid = space.grid()
+    combos = set(itertools.product(*grid.values()))
+    assert space.settings.samples == len(combos) == 2 * 2 * 5
+    study = optuna.create_study(sampler=_sampler(space), direction="maximize")
+    seen, running = [], []
+    for _ in range(len(combos)):
+        t = study.ask()
+        space.optuna_space()(t)
+        running.append(t)
+        if len(running) == 2:  # two trials in flight, as with max_concurrent: 2
+            done = running.pop(0)
+            study.tell(done, 0.5)
+        seen.append(tuple(t.params[k] for k in grid))
+    assert sorted(seen, key=repr) == sorted(combos, key=repr)
+
+
+def test_grid_sampler_rejects_continuous_parameters(tmp_path: Path):
+    text = GOOD.replace("settings:\n", "settings:\n  sampler: grid\n")
+    with pytest.raises(UserError, match="grid sampler needs unconditional `choice` parameters"):
+        load_space(write(tmp_path, text))

@@ -133,8 +133,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     plot_iou_bars(result.metrics.iou, names, out / "iou.png", reference=reference)
     if result.overlays:
         save_overlays(result.overlays, out / "overlays.png")
-    _write_json(out / "metrics.json", result.scalars(args.split))
+    scalars = result.scalars(args.split)
+    _write_json(out / "metrics.json", scalars)
     print((out / "classes.md").read_text(), end="")
+    uri = args.tracking_uri or cfg.tracking.uri
+    if uri:
+        from weakseg.search.tracking import log_evaluation, quiet_mlflow
+
+        files = {n: out / n for n in ("classes.md", "classes.csv", "confusion.png", "iou.png", "overlays.png")}
+        params = {**cfg.flat(), "checkpoint": str(ckpt.resolve()), "split": args.split, "crf": bool(crf)}
+        with quiet_mlflow():
+            run_id = log_evaluation(uri, args.experiment or cfg.tracking.experiment or cfg.name, tag, params,
+                                    scalars, files)
+        print(f"MLflow: run {run_id} at {uri}")
     print(f"\n{args.split}: mIoU {_pct(result.metrics.miou)} on {result.images} images"
           f"{' with dense CRF' if crf else ''}; tables and plots in {out}")
     return 0
@@ -303,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overlays", type=int, default=8, help="prediction overlays to save")
     e.add_argument("--device", default="auto")
     e.add_argument("--out", help="output folder (default: <run>/eval-<split>[-crf])")
+    e.add_argument("--tracking-uri", help="also log the evaluation as an MLflow run (default: the run's tracking.uri)")
+    e.add_argument("--experiment", help="MLflow experiment (default: the run's tracking.experiment or config name)")
     e.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("search", help="hyperparameter search on Ray Tune (Optuna TPE, optional ASHA), logged to MLflow")

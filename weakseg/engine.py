@@ -266,6 +266,8 @@ def fit(
     channels_last = use_channels_last(cfg, device)
     progress = cfg.train.progress == "on" or (cfg.train.progress == "auto" and sys.stderr.isatty())
     torch.manual_seed(cfg.train.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels once
 
     train_ds = build.train_dataset(cfg)
     val_ds = build.limit(build.eval_dataset(cfg), cfg.data.val_limit)

@@ -168,27 +168,31 @@ def _fmt(v: Any) -> str:
 
 
 def _plot_vs_lambda(rows: list[TrialRow], metric: str, path: Path) -> None:
+    """The metric against λ, one line per combination of the other categorical parameters (e.g. variant)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    variants = sorted({str(r.params.get("loss.variant", "(base)")) for r in rows})
-    for v in variants:
-        pts = sorted(
-            (float(r.params["loss.lam"]), r.best)
-            for r in rows
-            if "loss.lam" in r.params and str(r.params.get("loss.variant", "(base)")) == v and not math.isnan(r.best)
-        )
+    group_keys = sorted({k for r in rows for k, v in r.params.items() if k != "loss.lam" and isinstance(v, str)})
+
+    def group(r: TrialRow) -> str:
+        return ", ".join(f"{k.split('.')[-1]} = {r.params.get(k, '–')}" for k in group_keys) or "all trials"
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for g in sorted({group(r) for r in rows}):
+        pts = sorted((float(r.params["loss.lam"]), r.best) for r in rows
+                     if "loss.lam" in r.params and group(r) == g and not math.isnan(r.best))
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, [100 * y for y in ys], marker="o", label=f"variant = {v}")
+            ax.plot(xs, [100 * y for y in ys], marker="o", label=g)
     ax.set_xlabel("λ (weight of the neighbourhood loss)")
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"{metric} against λ (cf. paper Fig. 3)")
+    if any(float(r.params.get("loss.lam", 1)) <= 0 for r in rows):
+        ax.set_xscale("symlog", linthresh=0.1)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

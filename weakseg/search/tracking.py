@@ -308,6 +308,22 @@ class TrainRunReporter:
         retry(lambda: self.client.set_terminated(self.run_id, status=status), "closing the training run")
 
 
+def log_evaluation(uri: str, experiment: str, run_name: str, params: Mapping[str, Any],
+                   metrics: Mapping[str, float], files: Mapping[str, Path]) -> str:
+    """One finished MLflow run for a `weakseg evaluate`: its params, metrics and tables."""
+    check_reachable(uri)
+    _make_sqlite_folder(uri)
+    client = _client(uri)
+    exp_id = ensure_experiment(uri, experiment)
+    run = retry(lambda: client.create_run(exp_id, tags={TAG_ROLE: "evaluate"}, run_name=run_name),
+                "creating the evaluation run")
+    _log_params(client, run.info.run_id, params)
+    _log_metrics(client, run.info.run_id, metrics, step=0)
+    _log_files(client, run.info.run_id, files, "eval")
+    retry(lambda: client.set_terminated(run.info.run_id, status="FINISHED"), "closing the evaluation run")
+    return run.info.run_id
+
+
 def eval_artifacts(run_dir: Path) -> dict[str, Path]:
     """The files `engine.fit` writes at each evaluation, worth attaching to a run."""
     return {
