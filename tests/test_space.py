@@ -173,3 +173,13 @@ def test_grid_sampler_rejects_continuous_parameters(tmp_path: Path):
     text = GOOD.replace("settings:\n", "settings:\n  sampler: grid\n")
     with pytest.raises(UserError, match="grid sampler needs unconditional `choice` parameters"):
         load_space(write(tmp_path, text))
+
+
+def test_cli_setting_overrides_for_clusters(tmp_path: Path, capsys):
+    from weakseg.cli import main
+
+    argv = ["search", str(REPO / "search_spaces" / "paper.yaml"), "--dry-run", "--storage-path", "s3://bkt/ray",
+            "--results-dir", str(tmp_path / "r"), "--tracking-uri", "http://127.0.0.1:5000"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "s3://bkt/ray/paper" in out and f"{tmp_path / 'r' / 'paper'}" in out and "http://127.0.0.1:5000" in out

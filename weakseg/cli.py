@@ -175,8 +175,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples {args.samples}: must be at least 1")
-    overrides = {"samples": args.samples} if args.samples is not None else None
-    space = load_space(args.space, overrides)
+    overrides: dict = {"samples": args.samples} if args.samples is not None else {}
+    for key in ("storage_path", "results_dir", "tracking_uri"):
+        value = getattr(args, key)
+        if value:  # a cluster's shared storage, an absolute results folder on the head, its MLflow server
+            overrides[key] = value if "://" in value else str(Path(value).expanduser().resolve())
+    space = load_space(args.space, overrides or None)
     if args.dry_run:
         from weakseg.search.run import plan
 
@@ -324,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     s.add_argument("--dry-run", action="store_true", help="validate the space and print the plan")
     s.add_argument("--samples", type=int, help="override settings.samples")
+    s.add_argument("--storage-path", help="override settings.storage_path (e.g. s3://bucket/weakseg/ray)")
+    s.add_argument("--results-dir", help="override settings.results_dir")
+    s.add_argument("--tracking-uri", help="override settings.mlflow.tracking_uri (e.g. http://127.0.0.1:5000)")
     s.add_argument("--no-resource-check", action="store_true",
                    help="skip the check that the cluster can run one trial (autoscalers unknown to weakseg)")
     s.set_defaults(func=cmd_search)
