@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/weakseg search search_spaces/demo.yaml
+	$(BIN)/weakseg search search_spaces/demo.yaml --restart
 
 test: $(STAMP)
 	@bash scripts/ensure_chromium.sh

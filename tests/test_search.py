@@ -122,6 +122,14 @@ def test_search_logs_parent_and_children_with_per_class_metrics(tmp_path: Path, 
         names = {m.name.rsplit("/", 1)[-1] for m in tar.getmembers() if m.isfile()}
     assert names == {f"{i}.png" for i in ids}
 
+    # --restart: the Ray state starts over, MLflow keeps the first search as history
+    r = subprocess.run([sys.executable, "-m", "weakseg", "search", str(space), "--restart", "--samples", "1"],
+                       capture_output=True, text=True, timeout=600, env=search_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, parents, children = runs_of(tmp_path, "t1")
+    assert len(parents) == 2 and len(children) == 3 + 1
+    assert len(list((tmp_path / "results" / "ray" / "t1").glob("run_trial_*"))) == 1
+
 
 def test_resume_after_driver_sigkill(tmp_path: Path, synth_root: Path):
     """Kill -9 the driver mid-search; --resume finishes every trial; one MLflow run per trial; none RUNNING."""

@@ -206,7 +206,7 @@ def check_resources(cpu: float, gpu: float) -> None:
 
 
 def run_search(space: SearchSpace, *, resume: bool = False, address: str | None = None,
-               check: bool = True) -> SearchOutcome:
+               check: bool = True, restart: bool = False) -> SearchOutcome:
     prepare_local_auth(address)
     # Ray's newer console output prints every reported metric (21 IoUs per line); the classic
     # reporter shows the columns chosen below. Read when ray.tune runs, so set it first.
@@ -226,12 +226,16 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
     cfg = space.base_config
     exp_path = f"{s.storage_path.rstrip('/')}/{space.name}"
     restorable = tune.Tuner.can_restore(exp_path)
+    if restart and restorable:
+        _delete_experiment(exp_path)  # the old trials' checkpoints; MLflow keeps its runs as history
+        print(f"--restart: removed the previous search state at {exp_path}", flush=True)
+        restorable = False
     if resume and not restorable:
         raise UserError(f"--resume: no search to resume at {exp_path}")
     if not resume and restorable:
         raise UserError(
             f"a search named {space.name!r} already exists at {exp_path}: "
-            "pass --resume to continue it, or change `name` in the space file"
+            "pass --resume to continue it, --restart to start it over, or change `name` in the space file"
         )
 
     from weakseg.search.tracking import check_reachable
@@ -317,6 +321,14 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
         print(f"\ninterrupted: continue with  weakseg search {space.path} --resume", file=sys.stderr)
         raise
     return _finish(space, parent, grid, time.time() - started)
+
+
+def _delete_experiment(exp_path: str) -> None:
+    """Remove a Ray experiment folder, local or on a bucket (pyarrow understands both)."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(exp_path if "://" in exp_path else str(Path(exp_path).resolve()))
+    fs.delete_dir(path)
 
 
 def _sampler(space: SearchSpace):
