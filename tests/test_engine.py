@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -20,7 +19,7 @@ from weakseg.data.classes import IGNORE_INDEX
 from weakseg.engine import TrainingDiverged, evaluate, fit, make_optimizer
 from weakseg.errors import UserError
 from weakseg.losses.objective import full_loss, lam_at
-from weakseg.model import SegNet
+from weakseg.model import SegNet, upsample_logits
 
 
 def cfg_with(overrides, *more):
@@ -117,7 +116,7 @@ def test_full_supervision_loss_is_cross_entropy_at_input_size():
     logits = torch.randn(2, 21, 5, 7)
     mask = torch.randint(0, 21, (2, 18, 27))
     mask[0, :3] = IGNORE_INDEX
-    up = F.interpolate(logits, size=(18, 27), mode="bilinear", align_corners=False)
+    up = upsample_logits(logits, (18, 27))  # cell-aligned (tested in test_model.py)
     logp = up.log_softmax(1)
     keep = mask != IGNORE_INDEX
     picked = logp.permute(0, 2, 3, 1)[keep]  # (n, 21)

@@ -9,7 +9,9 @@ import torchvision
 from torch import nn
 
 from weakseg.errors import UserError
-from weakseg.model import IMAGENET_MEAN, SegNet, build_model, load_vgg16_encoder, output_size
+import numpy as np
+
+from weakseg.model import IMAGENET_MEAN, SegNet, build_model, load_vgg16_encoder, output_size, upsample_logits
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,7 @@ def test_conv_relu_bn_order_and_last_layer_plain(tiny: SegNet):
     for b in blocks:
         kinds = [type(m) for m in b]
         assert kinds == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d]
+        assert b[0].bias is not None  # BN after the ReLU cannot stand in for the conv's bias
     assert isinstance(tiny.classifier, nn.Conv2d) and tiny.classifier.out_channels == 21
 
 
@@ -118,3 +121,30 @@ def test_bad_weights_are_user_errors(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(type(VGG16_Weights.IMAGENET1K_V1), "get_state_dict", offline)
     with pytest.raises(UserError, match="set model.pretrained=/path/to/vgg16-397923af.pth"):
         load_vgg16_encoder(model, "imagenet")
+
+
+def cell_bilinear(logits: np.ndarray, H: int, W: int, stride: int = 4) -> np.ndarray:
+    """Oracle: bilinear interpolation between cell centres, cell r centred on input pixel stride*r + (stride-1)/2."""
+    C, h, w = logits.shape
+    out = np.empty((C, H, W))
+    for y in range(H):
+        u = min(max((y + 0.5) / stride - 0.5, 0.0), h - 1)
+        r0 = int(np.floor(u)); r1 = min(r0 + 1, h - 1); a = u - r0
+        for x in range(W):
+            v = min(max((x + 0.5) / stride - 0.5, 0.0), w - 1)
+            c0 = int(np.floor(v)); c1 = min(c0 + 1, w - 1); b = v - c0
+            out[:, y, x] = ((1 - a) * (1 - b) * logits[:, r0, c0] + (1 - a) * b * logits[:, r0, c1]
+                            + a * (1 - b) * logits[:, r1, c0] + a * b * logits[:, r1, c1])
+    return out
+
+
+@pytest.mark.parametrize("H, W", [(20, 28), (18, 27), (17, 25), (3, 5)])
+def test_upsampled_logits_stay_on_the_cell_grid(H: int, W: int):
+    """Cell (r, c) covers pixels [4r, 4r+4): its value sits at their centre, whatever H mod 4 is."""
+    h, w = output_size(H, W)
+    logits = torch.randn(1, 2, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(H))
+    up = upsample_logits(logits, (H, W))
+    assert up.shape == (1, 2, H, W)
+    np.testing.assert_allclose(up[0].numpy(), cell_bilinear(logits[0].numpy(), H, W), atol=1e-12)
+    with pytest.raises(ValueError, match="stride-4 grid"):
+        upsample_logits(logits, (H + 4, W))

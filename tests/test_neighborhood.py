@@ -144,6 +144,21 @@ def test_resize_path_matches_pil_antialiased_resize(variant):
         assert np.abs(plain.numpy() - colours).max() > 1.0
 
 
+def test_colours_line_up_with_the_model_grid_when_the_size_is_not_a_multiple_of_the_stride():
+    # An 18x27 input gives the model a 5x7 grid whose last cells reach past the image: the
+    # oracle pads by edge replication to 20x28 and resizes that with PIL.
+    s = dict(SETTINGS[0], variant="exp", theta_alpha=20.0)
+    probs, _ = random_probs(2, 3, 5, 7, seed=11)
+    image = random_image(2, 18, 27, seed=11)
+    padded = np.pad(image.numpy(), ((0, 0), (0, 0), (0, 2), (0, 1)), mode="edge")
+    expected = oracle_for(probs, pil_resize(padded, 5, 7), s)
+    pbar = neighborhood_distribution(probs, image, backend="dense", **s)
+    np.testing.assert_allclose(pbar.numpy(), expected, rtol=2e-5, atol=1e-7)
+    # resizing the unpadded image onto the grid would shift the colours measurably
+    shifted = oracle_for(probs, pil_resize(image.numpy(), 5, 7), s)
+    assert np.abs(shifted - expected).max() > 1e-3
+
+
 @pytest.mark.parametrize("variant", ["exp", "mean"])
 def test_valid_mask_matches_naive_loop_with_pixels_removed(variant):
     s = dict(SETTINGS[2], variant=variant)

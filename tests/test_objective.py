@@ -59,3 +59,17 @@ def test_padding_is_excluded_from_the_class_loss():
     q = pixel_label_targets(p, labels, c_bg=cfg.c_bg, c_fg=cfg.c_fg, valid=grid)
     ce = -(q * p.log()).sum(1)  # (B, h, w)
     assert float(parts.cls) == pytest.approx(float(ce[:, :3].mean()), rel=1e-5)
+
+
+def test_validity_on_the_grid_counts_each_cells_own_pixels():
+    """Cell (r, c) is real when more than half of pixels [4r, 4r+4) x [4c, 4c+4) are (beyond the input: not)."""
+    g = torch.Generator().manual_seed(5)
+    H, W = 18, 27  # grid 5 x 7; the last row and column of cells hang over the edge
+    valid = torch.rand(2, H, W, generator=g) > 0.4
+    expected = torch.zeros(2, 5, 7, dtype=torch.bool)
+    for b in range(2):
+        for r in range(5):
+            for c in range(7):
+                real = valid[b, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4].sum().item()
+                expected[b, r, c] = real > 8
+    assert torch.equal(valid_on_grid(valid, (5, 7)), expected)

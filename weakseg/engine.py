@@ -20,7 +20,6 @@ from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weakseg.checkpoint import load_checkpoint, load_weights, model_from_config, save_checkpoint, unwrap
@@ -31,6 +30,7 @@ from weakseg.errors import UserError
 from weakseg.io import atomic_write_text, csv_text
 from weakseg.losses.objective import LossParts, full_loss, lam_at, weak_loss
 from weakseg.metrics import BoundaryMetrics, ConfusionMatrix, SegMetrics
+from weakseg.model import upsample_logits
 
 
 class TrainingDiverged(UserError):
@@ -96,8 +96,7 @@ def predict_probs(model: nn.Module, image: Tensor, amp: torch.dtype | None = Non
     """image (1, 3, H, W) 0–255 on the model's device -> softmax probabilities (1, C, H, W) at the image's size."""
     with torch.autocast(image.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         logits = model(image)  # (1, C, h, w)
-    up = F.interpolate(logits.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
-    return up.softmax(dim=1)
+    return upsample_logits(logits.float(), tuple(image.shape[-2:])).softmax(dim=1)
 
 
 def evaluate(

@@ -70,11 +70,15 @@ def stage_taps(cfg: tuple) -> dict[int, tuple[int, int]]:
 
 
 class ConvBlock(nn.Sequential):
-    """conv -> ReLU -> BatchNorm, the order of the paper's Fig. 2 caption."""
+    """conv -> ReLU -> BatchNorm, the order of the paper's Fig. 2 caption.
+
+    The convolution keeps its bias: BatchNorm comes after the ReLU here, so it
+    cannot absorb a bias; without one every ReLU would threshold at exactly 0.
+    """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3):
         super().__init__(
-            nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2),
             nn.ReLU(inplace=True),
             nn.BatchNorm2d(out_ch),
         )
@@ -145,6 +149,22 @@ class SegNet(nn.Module):
 def output_size(height: int, width: int) -> tuple[int, int]:
     """The logits grid of an input: (ceil(H/4), ceil(W/4))."""
     return math.ceil(height / OUTPUT_STRIDE), math.ceil(width / OUTPUT_STRIDE)
+
+
+def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Stride-4 logits (B, C, h, w) -> (B, C, H, W) at the input's size, cell-aligned.
+
+    Cell (r, c) covers input pixels [4r, 4r+4) x [4c, 4c+4) (see `SegNet.forward`),
+    so the logits are upsampled by exactly 4, to the padded size (4h, 4w), and
+    cropped; resizing straight to (H, W) would stretch the grid by up to half a
+    pixel when H or W is not a multiple of 4.
+    """
+    h, w = logits.shape[-2:]
+    H, W = size
+    if (h, w) != output_size(H, W):
+        raise ValueError(f"logits grid {(h, w)} is not the stride-4 grid of a {H}x{W} input")
+    up = F.interpolate(logits, size=(OUTPUT_STRIDE * h, OUTPUT_STRIDE * w), mode="bilinear", align_corners=False)
+    return up[:, :, :H, :W]
 
 
 def load_vgg16_encoder(model: SegNet, pretrained: str) -> None:

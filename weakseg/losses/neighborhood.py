@@ -92,6 +92,23 @@ def _normalised_filter(filtered: Tensor, p: Tensor, eps: float) -> Tensor:
     return (filtered[:, :C] + eps * p) / (filtered[:, C:] + eps)  # (B, C, h, w)
 
 
+def colours_on_grid(image: Tensor, h: int, w: int, stride: float) -> Tensor:
+    """(B, 3, H, W) -> (B, 3, h, w): each output cell's colour, an antialiased average of its patch.
+
+    When (h, w) is the model's grid of the image, (ceil(H/s), ceil(W/s)) for an
+    integer stride s, cell (r, c) covers pixels [s·r, s·r+s) x [s·c, s·c+s): the
+    image is edge-padded to (s·h, s·w) first so that the cells line up with the
+    logits. Any other grid gets the whole image resized onto it.
+    """
+    H, W = image.shape[-2:]
+    if (H, W) == (h, w):
+        return image
+    s = int(stride)
+    if s == stride and -(-H // s) == h and -(-W // s) == w and (s * h, s * w) != (H, W):
+        image = F.pad(image, (0, s * w - W, 0, s * h - H), mode="replicate")
+    return F.interpolate(image, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+
+
 def _neighborhood_logits(probs: Tensor, image: Tensor, variant: str, w1: float,
                          theta_alpha: float, theta_beta: float, w2: float, theta_gamma: float,
                          stride: float, backend: str, valid: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -122,10 +139,7 @@ def _neighborhood_logits(probs: Tensor, image: Tensor, variant: str, w1: float,
             # resizing averages over the patch (a triangle filter as wide as the
             # scale factor, as PIL does); plain bilinear would read just the 2×2
             # input pixels under each sample point and alias texture and noise.
-            x = image.detach().to(dtype)  # (B, 3, H, W); no gradient to the image
-            if x.shape[-2:] != (h, w):
-                x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False,
-                                  antialias=True)  # (B, 3, h, w)
+            x = colours_on_grid(image.detach().to(dtype), h, w, stride)  # (B, 3, h, w); no gradient to the image
             colour = x.flatten(2).transpose(1, 2) / theta_alpha  # (B, N, 3)
             pos = grid_positions(h, w, p.device, dtype) / (theta_beta / stride)  # (N, 2)
             features = torch.cat([colour, pos.expand(B, -1, -1)], dim=-1)  # (B, N, 5)

@@ -21,7 +21,7 @@ from weakseg.config import LossConfig
 from weakseg.data.classes import IGNORE_INDEX
 from weakseg.losses.neighborhood import neighborhood_loss
 from weakseg.losses.prior import pixel_label_targets
-from weakseg.model import OUTPUT_STRIDE
+from weakseg.model import OUTPUT_STRIDE, output_size, upsample_logits
 
 
 @dataclass
@@ -42,10 +42,22 @@ def lam_at(cfg: LossConfig, iteration: int) -> float:
 
 
 def valid_on_grid(valid: Tensor | None, size: tuple[int, int]) -> Tensor | None:
-    """Input-resolution validity (B, H, W) -> output grid (B, h, w): a cell counts if mostly real."""
+    """Input-resolution validity (B, H, W) -> output grid (B, h, w): a cell counts if mostly real.
+
+    On the model's grid, cell (r, c) covers pixels [4r, 4r+4) x [4c, 4c+4), the
+    part beyond the input counting as not real.
+    """
     if valid is None:
         return None
-    frac = F.adaptive_avg_pool2d(valid[:, None].float(), size) if valid.shape[-2:] != size else valid[:, None].float()
+    H, W = valid.shape[-2:]
+    h, w = size
+    if (H, W) == (h, w):
+        return valid
+    v = valid[:, None].float()  # (B, 1, H, W)
+    if output_size(H, W) == (h, w):
+        frac = F.avg_pool2d(F.pad(v, (0, OUTPUT_STRIDE * w - W, 0, OUTPUT_STRIDE * h - H)), OUTPUT_STRIDE)
+    else:
+        frac = F.adaptive_avg_pool2d(v, size)
     return frac[:, 0] > 0.5
 
 
@@ -89,7 +101,7 @@ def weak_loss(
 
 def full_loss(logits: Tensor, mask: Tensor) -> LossParts:
     """Fully supervised upper bound: cross-entropy of the upsampled logits against the mask (255 ignored)."""
-    up = F.interpolate(logits.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)
+    up = upsample_logits(logits.float(), tuple(mask.shape[-2:]))  # (B, C, H, W)
     # sum / count rather than "mean": a crop that is all void gives 0, not NaN
     ce = F.cross_entropy(up, mask, ignore_index=IGNORE_INDEX, reduction="sum")
     cls = ce / (mask != IGNORE_INDEX).sum().clamp(min=1)
