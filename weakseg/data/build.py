@@ -48,8 +48,10 @@ def ensure_synthetic(d: DataConfig) -> Path:
                 size=d.synthetic_size,
                 seed=d.synthetic_seed,
             )
-        except FileExistsError:
-            pass  # another trial generated it at the same moment
+        except (FileExistsError, UserError):
+            if not (root / "VOCdevkit" / "VOC2012").is_dir():
+                raise
+            # another process generated the same set at the same moment and renamed it in first
     return root
 
 
