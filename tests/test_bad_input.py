@@ -619,6 +619,26 @@ def test_unreachable_mlflow_server_fails_before_any_trial(ctx: Ctx):
     assert seconds < 60, seconds
 
 
+@pytest.mark.slow
+def test_restart_that_cannot_start_keeps_the_previous_search(ctx: Ctx):
+    """--restart deletes the old search only once every check has passed: here MLflow is unreachable."""
+    uri = f"http://127.0.0.1:{closed_port()}"
+    f = space(ctx, "  samples: 2\n", f"  samples: 2\n  mlflow: {{tracking_uri: '{uri}'}}\n")
+    state = ctx.tmp / "results" / "ray" / "bad" / "tuner.pkl"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"earlier search")
+    before = snapshot([ctx.tmp / "results"])
+    r = run_weakseg(["search", str(f), "--restart"], env=search_env(ctx.tmp), timeout=300)
+    check_contract(r.returncode, r.stderr, "search", [uri, "unreachable"])
+    assert snapshot([ctx.tmp / "results"]) == before
+
+
+def test_resume_and_restart_together_are_refused_even_in_a_dry_run(ctx: Ctx, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["search", str(space(ctx)), "--resume", "--restart", "--dry-run"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------- bugs found here (see the report)
 
 

@@ -98,18 +98,24 @@ def test_search_logs_parent_and_children_with_per_class_metrics(tmp_path: Path, 
         for cls in VOC_CLASSES:  # all 21 classes, NaN where a class never occurs
             assert f"val/iou/{cls}" in c.data.metrics
         assert [m.step for m in client.get_metric_history(c.info.run_id, "val/miou")] == [2, 4]
-        assert [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")] == [1, 2, 3, 4]
+        for name in ("train/loss", "train/loss_class", "train/loss_neighb", "train/images_per_s",
+                     "train/lr/pretrained", "train/lr/new"):
+            assert [m.step for m in client.get_metric_history(c.info.run_id, name)] == [1, 2, 3, 4], name
+        assert all(m.value > 0 for m in client.get_metric_history(c.info.run_id, "train/images_per_s"))
         arts = {a.path for a in client.list_artifacts(c.info.run_id, "eval")}
-        assert {"eval/classes.md", "eval/confusion.png"} <= arts
+        assert {"eval/classes.md", "eval/classes.csv", "eval/confusion.png", "eval/overlays.png"} <= arts
     assert "best/val/miou" in parent.data.metrics
-    assert "weakseg.checkpoint" in parent.data.tags
+    assert "weakseg.checkpoint" in parent.data.tags and parent.data.tags["weakseg.code_version"]
+    summary_arts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert {"summary/trials.md", "summary/metric_vs_lambda.png", "summary/best_iou.png"} <= summary_arts
 
     out = tmp_path / "results" / "t1"
     rows = (out / "trials.csv").read_text().strip().splitlines()
     assert len(rows) == 4  # header + 3 trials
     best = json.loads((out / "search.json").read_text())
-    values = sorted((float(c.data.metrics["val/miou"]) for c in children), reverse=True)
-    assert best["best_value"] == pytest.approx(max(values))  # the table's best is MLflow's best
+    # the table's best is MLflow's best, over every evaluation of every trial
+    values = [m.value for c in children for m in client.get_metric_history(c.info.run_id, "val/miou")]
+    assert best["best_value"] == pytest.approx(max(values))
     cfg = yaml.safe_load((out / "best_config.yaml").read_text())
     assert cfg["optim"]["iterations"] == 4 and cfg["model"]["backbone"] == "tiny"
     assert (Path(best["best_checkpoint"]) / "checkpoint.pt").is_file()
@@ -128,7 +134,46 @@ def test_search_logs_parent_and_children_with_per_class_metrics(tmp_path: Path, 
     assert r.returncode == 0, r.stderr[-3000:]
     _, parents, children = runs_of(tmp_path, "t1")
     assert len(parents) == 2 and len(children) == 3 + 1
+    assert all(r.info.status == "FINISHED" for r in parents + children)
     assert len(list((tmp_path / "results" / "ray" / "t1").glob("run_trial_*"))) == 1
+    # the first search's checkpoints are gone, and so are the tags that pointed at them
+    old = next(p for p in parents if p.info.run_id == parent.info.run_id)
+    assert "weakseg.checkpoint" not in old.data.tags and old.data.tags["weakseg.checkpoint_deleted"]
+    new = json.loads((out / "search.json").read_text())
+    assert new["parent_run_id"] != parent.info.run_id and Path(new["best_checkpoint"]).is_dir()
+
+
+def test_asha_stops_trials_early_and_tells_optuna_they_were_pruned(tmp_path: Path, synth_root: Path):
+    """Half the grid is hopeless (c_fg = 0.8 makes objects of everything): ASHA stops trials at a rung,
+    MLflow and Optuna both record it, and the grid sampler running out of points fails no trial."""
+    space = make_space(tmp_path, synth_root, "t4", samples=0, iterations=12, eval_every=4, concurrent=1,
+                       scheduler={"type": "asha", "grace": 4, "max_t": 12, "reduction_factor": 2})
+    data = yaml.safe_load(space.read_text())
+    data["settings"].pop("samples")
+    data["settings"]["sampler"] = "grid"
+    data["fixed"].update({"optim.lr_pretrained": 0.1, "optim.lr_new": 0.1, "loss.c_bg": 0.1})
+    data["params"] = {"loss.c_fg": {"choice": [0.05, 0.8]}, "loss.lam": {"choice": [0.0, 0.2, 0.4]}}
+    space.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = subprocess.run([sys.executable, "-m", "weakseg", "search", str(space)], capture_output=True, text=True,
+                       timeout=600, env=search_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    client, parents, children = runs_of(tmp_path, "t4")
+    assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
+    steps = {c.data.tags["weakseg.trial_id"]: [m.step for m in client.get_metric_history(c.info.run_id, "val/miou")]
+             for c in children}
+    outcome = {c.data.tags["weakseg.trial_id"]: c.data.tags["weakseg.outcome"] for c in children}
+    for trial_id, seen in steps.items():
+        assert outcome[trial_id] == ("completed" if seen[-1] == 12 else "stopped_early"), (trial_id, seen)
+    assert "stopped_early" in outcome.values() and "completed" in outcome.values()
+    table = {row.split(",")[1]: row.split(",")[2]
+             for row in (tmp_path / "results" / "t4" / "trials.csv").read_text().strip().splitlines()[1:]}
+    assert table == outcome
+    state = sorted((tmp_path / "results" / "ray" / "t4").glob("searcher-state-*.pkl"))[-1]
+    searcher = pickle.loads(state.read_bytes())
+    study = searcher["_ot_study"] if isinstance(searcher, dict) else searcher._ot_study
+    states = sorted(t.state.name for t in study.trials)
+    counts = {o: list(outcome.values()).count(o) for o in ("completed", "stopped_early")}
+    assert states == sorted(["COMPLETE"] * counts["completed"] + ["PRUNED"] * counts["stopped_early"])
 
 
 def test_resume_after_driver_sigkill(tmp_path: Path, synth_root: Path):

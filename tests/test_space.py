@@ -183,3 +183,15 @@ def test_cli_setting_overrides_for_clusters(tmp_path: Path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "s3://bkt/ray/paper" in out and f"{tmp_path / 'r' / 'paper'}" in out and "http://127.0.0.1:5000" in out
+
+
+def test_asha_max_t_is_a_trials_full_length(tmp_path: Path):
+    """Trials reaching ASHA's max_t count as completed (told COMPLETE to Optuna), not as stopped early."""
+    text = GOOD.replace("  data.root: ../data\n", "  data.root: ../data\n  optim.iterations: 1000\n")
+    assert load_space(write(tmp_path, text)).full_iterations == 400
+    no_max = text.replace("grace: 100, max_t: 400", "grace: 100")
+    assert load_space(write(tmp_path, no_max)).full_iterations == 1000
+    fifo = text.replace("scheduler: {type: asha, grace: 100, max_t: 400}", "scheduler: none")
+    assert load_space(write(tmp_path, fifo)).full_iterations == 1000
+    with pytest.raises(UserError, match="max_t.*exceeds optim.iterations"):
+        load_space(write(tmp_path, text.replace("max_t: 400", "max_t: 2000")))

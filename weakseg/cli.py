@@ -189,8 +189,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     from weakseg.search.run import run_search
 
-    if args.resume and args.restart:
-        raise UserError("--resume and --restart contradict each other: pick one")
     out = run_search(space, resume=args.resume, address=args.address, check=not args.no_resource_check,
                      restart=args.restart)
     print()
@@ -327,9 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="hyperparameter search on Ray Tune (Optuna TPE, optional ASHA), logged to MLflow")
     s.add_argument("space", help="search-space YAML (see search_spaces/)")
-    s.add_argument("--resume", action="store_true", help="continue an interrupted search")
-    s.add_argument("--restart", action="store_true",
-                   help="discard a previous search of this name and start over (its MLflow runs stay)")
+    again = s.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    again.add_argument("--restart", action="store_true",
+                       help="discard a previous search of this name and start over (its MLflow runs stay, closed)")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     s.add_argument("--dry-run", action="store_true", help="validate the space and print the plan")
     s.add_argument("--samples", type=int, help="override settings.samples")

@@ -59,7 +59,7 @@ def plan(space: SearchSpace) -> str:
     """The human-readable plan printed by --dry-run (and at the start of a search)."""
     s = space.settings
     lines = [
-        f"search {space.name}: {s.samples} trials of {space.base_config.optim.iterations} iterations, "
+        f"search {space.name}: {s.samples} trials of {space.full_iterations} iterations, "
         f"{s.max_concurrent} at a time, each {{cpu: {s.resources.cpu:g}, gpu: {s.resources.gpu:g}}}",
         f"  base config   {space.base}",
         f"  optimise      {s.metric} ({s.mode}), Optuna {'TPE' if s.sampler == 'tpe' else 'grid'} sampler, "
@@ -224,15 +224,14 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
 
     s = space.settings
     cfg = space.base_config
+    if resume and restart:
+        raise UserError("--resume and --restart contradict each other: pick one")
     exp_path = f"{s.storage_path.rstrip('/')}/{space.name}"
     restorable = tune.Tuner.can_restore(exp_path)
-    if restart and restorable:
-        _delete_experiment(exp_path)  # the old trials' checkpoints; MLflow keeps its runs as history
-        print(f"--restart: removed the previous search state at {exp_path}", flush=True)
-        restorable = False
+    previous = restorable or _experiment_exists(exp_path)
     if resume and not restorable:
         raise UserError(f"--resume: no search to resume at {exp_path}")
-    if not resume and restorable:
+    if previous and not (resume or restart):
         raise UserError(
             f"a search named {space.name!r} already exists at {exp_path}: "
             "pass --resume to continue it, --restart to start it over, or change `name` in the space file"
@@ -253,6 +252,13 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
     search_key = exp_path
     with quiet_mlflow():
         parent = SearchRun(space.tracking_uri, space.experiment, search_key)
+        if restart and previous:  # only now, after every check that could still refuse to start
+            _delete_experiment(exp_path)
+            for stale in ("search.json", "best_checkpoint.txt"):  # they name the checkpoints just deleted
+                (space.results_dir / stale).unlink(missing_ok=True)
+            retired = parent.retire_previous()
+            print(f"--restart: removed the previous search state at {exp_path}"
+                  + (f"; closed its MLflow run {retired} as KILLED (restarted)" if retired else ""), flush=True)
         parent.start(
             resume,
             params={**{f"settings.{k}": v for k, v in _settings_params(space).items()},
@@ -269,7 +275,7 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
         tune.with_parameters(run_trial, setup=setup),
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
     )
-    full = cfg.optim.iterations
+    full = space.full_iterations
     started = time.time()
     try:
         if resume:
@@ -323,12 +329,30 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
     return _finish(space, parent, grid, time.time() - started)
 
 
-def _delete_experiment(exp_path: str) -> None:
-    """Remove a Ray experiment folder, local or on a bucket (pyarrow understands both)."""
+def _experiment_fs(exp_path: str):
+    """(filesystem, path) of a Ray experiment folder, local or on a bucket (pyarrow understands both)."""
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(exp_path if "://" in exp_path else str(Path(exp_path).resolve()))
-    fs.delete_dir(path)
+    return pyarrow.fs.FileSystem.from_uri(exp_path if "://" in exp_path else str(Path(exp_path).resolve()))
+
+
+def _experiment_exists(exp_path: str) -> bool:
+    """Anything at the experiment path, even a search too broken to restore."""
+    import pyarrow.fs
+
+    try:
+        fs, path = _experiment_fs(exp_path)
+        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    except OSError as e:
+        raise UserError(f"settings.storage_path: cannot read {exp_path} ({e})") from None
+
+
+def _delete_experiment(exp_path: str) -> None:
+    try:
+        fs, path = _experiment_fs(exp_path)
+        fs.delete_dir(path)
+    except OSError as e:
+        raise UserError(f"--restart: could not remove the previous search at {exp_path} ({e})") from None
 
 
 def _sampler(space: SearchSpace):
@@ -355,8 +379,7 @@ def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float) -> Searc
     from weakseg.search.tracking import quiet_mlflow
 
     s = space.settings
-    full = space.base_config.optim.iterations
-    rows = rows_from_results(grid, s.metric, s.mode, full)
+    rows = rows_from_results(grid, s.metric, s.mode, space.full_iterations)
     best_cfg = None
     ranked = [r for r in rows if not math.isnan(r.best) and r.outcome not in ("failed", "diverged")]
     if ranked:

@@ -40,5 +40,11 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
                 state = TrialState.PRUNED
         if state is None:
             return super().on_trial_complete(trial_id, result, error)
-        self._ot_study.tell(self._ot_trials[trial_id], state=state)
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], state=state)
+        except RuntimeError as e:
+            # Optuna's GridSampler calls study.stop() once every grid point has been handed out, and
+            # stop() raises outside study.optimize(); the trial's state is stored before that.
+            if "Study.stop" not in str(e):
+                raise
         self._completed_trials.add(trial_id)

@@ -15,7 +15,8 @@
       samples: 8                    # trials (grid: the number of combinations)
       metric: val/miou
       mode: max
-      scheduler: {type: asha, grace: 100, max_t: 400, reduction_factor: 2}   # or: none
+      scheduler: {type: asha, grace: 100, max_t: 400, reduction_factor: 2}   # or: none; max_t (default and at
+                                    # most optim.iterations) is a trial's full length: reaching it = completed
       max_concurrent: 2
       resources: {cpu: 1, gpu: 0}   # per trial; fractional gpu allowed (0.5: two trials per GPU)
       max_failures: 1               # retries of a crashed trial, from its last checkpoint
@@ -151,6 +152,13 @@ class SearchSpace:
     @property
     def experiment(self) -> str:
         return self.settings.experiment or self.name
+
+    @property
+    def full_iterations(self) -> int:
+        """A trial's full length: ASHA's max_t when ASHA is on (it stops every trial there), else optim.iterations.
+        A trial that ends earlier was stopped early."""
+        sched = self.settings.scheduler
+        return sched.max_t if sched.type == "asha" else self.base_config.optim.iterations
 
     def trial_settings(self, sampled: Mapping[str, Any]) -> dict[str, Setting]:
         """The settings of one trial: base file <- fixed <- sampled."""

@@ -193,6 +193,28 @@ class SearchRun:
         )
         return runs[0].info.run_id if runs else None
 
+    def retire_previous(self) -> str | None:
+        """Before a --restart: close the old search's parent and trial runs that are still RUNNING
+        (a driver killed mid-search leaves them so) as KILLED, and move their checkpoint tags,
+        which name deleted checkpoints, to `weakseg.checkpoint_deleted`. Returns the old parent's id."""
+        client = _client(self.uri)
+        self.experiment_id = ensure_experiment(self.uri, self.experiment_name)
+        old = self._find_parent(client)
+        if old is None:
+            return None
+        runs = retry(lambda: client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{old}'"),
+                     "listing the previous search's trial runs")
+        for run in [*runs, client.get_run(old)]:
+            rid = run.info.run_id
+            location = run.data.tags.get(TAG_CHECKPOINT)
+            if location:
+                retry(lambda: client.set_tag(rid, TAG_CHECKPOINT + "_deleted", location), "retagging a run")
+                retry(lambda: client.delete_tag(rid, TAG_CHECKPOINT), "retagging a run")
+            if run.info.status == "RUNNING":
+                retry(lambda: client.set_tag(rid, TAG_OUTCOME, "restarted"), "tagging a run")
+                retry(lambda: client.set_terminated(rid, status="KILLED"), "closing a run of the previous search")
+        return old
+
     def children(self) -> dict[str, Any]:
         """trial id -> child run (one per trial, by construction)."""
         client = _client(self.uri)
