@@ -143,3 +143,26 @@ def test_export_with_dense_crf(tmp_path: Path, checkpoint: Path):
         member = next(m for m in tar.getmembers() if m.isfile())
         png = Image.open(tar.extractfile(member))
         assert png.mode == "P" and np.asarray(png).max() <= 20
+
+
+@pytest.mark.parametrize("fault", ["skip one id", "wrong size"])
+def test_export_checks_its_pngs_against_the_split_list_and_the_jpegs(tmp_path: Path, checkpoint: Path,
+                                                                      synth_root: Path, monkeypatch, capsys, fault):
+    """A prediction lost or mis-sized on the way to disk is caught before anything is packed."""
+    import weakseg.export as export
+
+    real = export.write_prediction
+    victim = (synth_root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "test.txt").read_text().split()[2]
+
+    def faulty(path: Path, pred: np.ndarray) -> None:
+        if path.stem != victim:
+            real(path, pred)
+        elif fault == "wrong size":
+            real(path, pred[:-1])
+
+    monkeypatch.setattr(export, "write_prediction", faulty)
+    out = tmp_path / "sub.tar.gz"
+    assert main(["export-voc", str(checkpoint), "--out", str(out), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert victim in err and ("missing" in err if fault == "skip one id" else "its image is" in err)
+    assert not out.exists() and not list(tmp_path.iterdir())

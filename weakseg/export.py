@@ -39,6 +39,15 @@ def write_prediction(path: Path, pred: np.ndarray) -> None:
     img.save(path, format="PNG")
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image from its header, without decoding it."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (OSError, SyntaxError) as e:
+        raise UserError(f"export: cannot read the size of {path} ({e})") from None
+
+
 def verify_predictions(folder: Path, expected: dict[str, tuple[int, int]]) -> None:
     """Every id present, nothing else, each PNG palette-indexed, VOC colours, values 0–20, its image's size."""
     found = {p.stem for p in folder.glob("*.png")}
@@ -99,8 +108,10 @@ def export_voc(
     dev = resolve_device(device)
     model, cfg, _ = load_model(Path(checkpoint), dev)
     root = Path(data_root) if data_root is not None else build.voc_root(cfg.data)
-    ds = VOCSegmentation(root, split, with_masks=False, with_labels=False)
-    ds = build.limit(ds, limit)
+    voc = VOCSegmentation(root, split, with_masks=False, with_labels=False)
+    ds = build.limit(voc, limit)
+    # What the server will check, from the split list and the JPEG headers, not from the predictions
+    expected = {i: image_size(path) for i, path in zip(voc.ids[: len(ds)], voc.image_paths)}
     loader = build.eval_loader(ds, build.LoaderOptions(workers=workers, pin_memory=dev.type == "cuda"))
     amp = amp_dtype(cfg, dev)
 
@@ -113,7 +124,6 @@ def export_voc(
         stage = Path(t)
         folder = stage / RESULTS_SUBDIR
         folder.mkdir(parents=True)
-        expected: dict[str, tuple[int, int]] = {}
         stream = predictions()
         if crf is not None:
             from weakseg.crf import refine_stream
@@ -122,11 +132,8 @@ def export_voc(
         for n, (image_id, image, probs) in enumerate(stream, 1):
             pred = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()  # (H, W) at the image's own size
             write_prediction(folder / f"{image_id}.png", pred)
-            expected[image_id] = tuple(image.shape[-2:])
             if n % 200 == 0:
                 print(f"export: {n}/{len(ds)} images", file=sys.stderr, flush=True)
-        if len(expected) != len(ds):
-            raise UserError(f"export: predicted {len(expected)} of {len(ds)} images of split {split!r}")
         verify_predictions(folder, expected)
         out.parent.mkdir(parents=True, exist_ok=True)
         pack(stage, out, force)
