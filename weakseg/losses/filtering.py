@@ -25,6 +25,8 @@ gradients flow to the values.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -143,13 +145,36 @@ def _gaussian_matrix(n: int, theta: float, device: torch.device, dtype: torch.dt
     return torch.exp(-0.5 * ((idx[:, None] - idx[None, :]) / theta) ** 2)
 
 
+SPATIAL_BLOCK = 64  # output rows per banded block of the spatial filter
+
+
+def _gaussian_rows(g: Tensor, v: Tensor, radius: int) -> Tensor:
+    """g @ v over the last-but-one axis of v, using only the band |a − b| ≤ radius of g.
+
+    Output rows come in blocks of SPATIAL_BLOCK, each a product with the slice of
+    input rows within `radius` of it: O(N·(block + 2 radius)) instead of O(N·n).
+    """
+    n = g.shape[0]
+    if n <= SPATIAL_BLOCK + 2 * radius:
+        return g @ v
+    blocks = []
+    for i0 in range(0, n, SPATIAL_BLOCK):
+        i1 = min(n, i0 + SPATIAL_BLOCK)
+        j0, j1 = max(0, i0 - radius), min(n, i1 + radius)
+        blocks.append(g[i0:i1, j0:j1] @ v[..., j0:j1, :])
+    return torch.cat(blocks, dim=-2)
+
+
 def spatial_filter(values: Tensor, theta: float) -> Tensor:
-    """Exact self-excluded spatial Gaussian filter on a regular grid, separably.
+    """Self-excluded spatial Gaussian filter on a regular grid, separably, exact to the dtype's precision.
 
     exp(-(Δr² + Δc²)/2θ²) = g(Δr) g(Δc), so the filter is G_h V G_wᵀ: two small
-    matrix products, O(N(h + w)) work instead of O(N²). k(i, i) = 1, so the
-    self term is removed by subtracting V. values (B, C, h, w) -> (B, C, h, w);
-    θ in grid cells. Differentiable in `values` by plain autograd (O(N) saved).
+    matrix products, O(N(h + w)) work instead of O(N²). Weights below the
+    dtype's epsilon (|Δ| > θ·sqrt(−2 ln ε): 5.6θ in float32, 8.5θ in float64)
+    are skipped by banded block products, which makes a full-resolution grid
+    (500×375, θ = 3) about 3× cheaper. k(i, i) = 1, so the self term is removed
+    by subtracting V. values (B, C, h, w) -> (B, C, h, w); θ in grid cells.
+    Differentiable in `values` by plain autograd (O(N) saved).
     """
     if values.dim() != 4:
         raise ValueError(f"values must be (B, C, h, w), got {tuple(values.shape)}")
@@ -158,8 +183,11 @@ def spatial_filter(values: Tensor, theta: float) -> Tensor:
     if not theta > 0:
         raise ValueError(f"theta must be positive, got {theta!r}")
     dtype = compute_dtype(values.dtype)
+    radius = math.ceil(theta * math.sqrt(-2.0 * math.log(torch.finfo(dtype).eps)))
     with torch.autocast(device_type=values.device.type, enabled=False):
         v = values.to(dtype)  # (B, C, h, w)
         g_rows = _gaussian_matrix(v.shape[-2], theta, v.device, dtype)  # (h, h)
-        g_cols = _gaussian_matrix(v.shape[-1], theta, v.device, dtype)  # (w, w)
-        return g_rows @ v @ g_cols - v  # g_cols is symmetric
+        g_cols = _gaussian_matrix(v.shape[-1], theta, v.device, dtype)  # (w, w), symmetric
+        x = _gaussian_rows(g_rows, v, radius)  # (B, C, h, w): G_h V
+        x = _gaussian_rows(g_cols, x.transpose(-1, -2), radius).transpose(-1, -2)  # (G_w (G_h V)ᵀ)ᵀ = G_h V G_w
+        return x - v
