@@ -16,7 +16,7 @@ from weakseg.checkpoint import load_checkpoint, load_model, save_checkpoint
 from weakseg.config import load_config
 from weakseg.data import build
 from weakseg.data.classes import IGNORE_INDEX
-from weakseg.engine import TrainingDiverged, evaluate, fit, make_optimizer
+from weakseg.engine import TrainingDiverged, evaluate, fit, make_optimizer, make_scheduler
 from weakseg.errors import UserError
 from weakseg.losses.objective import full_loss, lam_at
 from weakseg.model import SegNet, upsample_logits
@@ -52,13 +52,36 @@ def test_lr_schedule_and_groups_follow_section_5_3(tiny_overrides):
     cfg = cfg_with(tiny_overrides, "optim.lr_pretrained=0.001", "optim.lr_new=0.01", "optim.lr_step=5")
     model = SegNet("tiny", 21, 16, 4)
     opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.optim.lr_step, gamma=cfg.optim.lr_gamma)
+    sched = make_scheduler(opt, cfg)
     for t in range(17):
         expected = [0.001 * 0.5 ** (t // 5), 0.01 * 0.5 ** (t // 5)]
         assert [g["lr"] for g in opt.param_groups] == pytest.approx(expected)
         opt.step()
         sched.step()
     assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["weight_decay"] == 5e-5
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.logged: dict[int, dict[str, float]] = {}
+
+    def log(self, iteration, scalars) -> None:
+        self.logged[iteration] = scalars
+
+    def evaluated(self, iteration, scalars, result, final) -> None:
+        pass
+
+
+def test_fit_follows_the_schedule_and_logs_it(tmp_path: Path, tiny_overrides):
+    """fit's own schedule: the lr logged after step t (what step t+1 uses) is lr0 · 0.5^⌊t/2⌋ per group."""
+    cfg = cfg_with(tiny_overrides, "optim.lr_pretrained=0.002", "optim.lr_new=0.02", "optim.lr_step=2",
+                   "optim.iterations=5", "train.eval_every=5", "train.log_every=1", "data.val_limit=1")
+    rec = Recorder()
+    fit(cfg, tmp_path / "run", reporter=rec)
+    assert sorted(rec.logged) == [1, 2, 3, 4, 5]
+    for t, s in rec.logged.items():
+        assert s["train/lr/pretrained"] == pytest.approx(0.002 * 0.5 ** (t // 2))
+        assert s["train/lr/new"] == pytest.approx(0.02 * 0.5 ** (t // 2))
 
 
 def test_lambda_warmup():
@@ -239,3 +262,48 @@ def test_train_and_evaluate_log_to_mlflow_when_configured(tmp_path: Path, tiny_o
     ev = runs[0]
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev.data.metrics["val/miou"] == pytest.approx(metrics["val/miou"])
+
+    # --resume for two more iterations continues the same MLflow run; a changed seed is refused
+    more = [x if x != "optim.iterations=2" else "optim.iterations=4" for x in sets]
+    assert main(["train", "demo", *more, "--set", "train.seed=1", "--out", str(tmp_path / "run"), "--resume"]) == 2
+    assert main(["train", "demo", *more, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    (again,) = client.search_runs([exp.experiment_id], filter_string="tags.`weakseg.role` = 'train'")
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/miou")] == [1, 2, 3, 4]
+    assert again.data.params["optim.iterations"] == "2" and again.data.tags["resumed.optim.iterations"] == "4"
+
+
+def copy_without_train_masks(synth_root: Path, into: Path) -> Path:
+    import shutil
+
+    root = shutil.copytree(synth_root, into)
+    voc = root / "VOCdevkit" / "VOC2012"
+    train = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    val = set((voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split())
+    for i in train:
+        if i not in val:
+            (voc / "SegmentationClass" / f"{i}.png").unlink()
+    return root
+
+
+def test_weak_training_runs_without_any_training_mask(tmp_path: Path, tiny_overrides):
+    """Image-level labels only: with every training mask deleted, weak training runs; full supervision
+    names the first mask it misses."""
+    synth = Path(next(o for o in tiny_overrides if o.startswith("data.root=")).split("=", 1)[1])
+    root = copy_without_train_masks(synth, tmp_path / "data")
+    base = [o for o in tiny_overrides if not o.startswith("data.root=")] + [f"data.root={root}", "data.val_limit=2"]
+    state = fit(cfg_with(base, "optim.iterations=2", "train.eval_every=2"), tmp_path / "weak")
+    assert state.iteration == 2
+    with pytest.raises(UserError, match=r"mask file\(s\) missing"):
+        fit(cfg_with(base, "supervision=full", "optim.iterations=2"), tmp_path / "full")
+
+
+def test_full_supervision_trains_on_the_masks(tmp_path: Path, tiny_overrides):
+    """The upper bound: cross-entropy against the pixel masks goes down from ln 21 as it trains."""
+    rec = Recorder()
+    cfg = cfg_with(tiny_overrides, "supervision=full", "optim.iterations=30", "train.eval_every=30",
+                   "train.log_every=10", "optim.lr_new=0.05", "optim.lr_pretrained=0.05", "data.val_limit=2")
+    fit(cfg, tmp_path / "full", reporter=rec)
+    losses = [rec.logged[t]["train/loss"] for t in (10, 20, 30)]
+    assert all(rec.logged[t]["train/loss_neighb"] == 0.0 for t in (10, 20, 30))
+    assert losses[0] < math.log(21) and losses[2] < losses[0], losses

@@ -253,3 +253,37 @@ def test_labels_match_mask_over_many_renders():
         # ... and not just a stray pixel: at least 1/150 of the image each.
         for name in in_mask:
             assert (mask == VOC_CLASSES.index(name)).sum() >= mask.size // 150
+
+
+def test_make_synthetic_into_a_file_is_a_clear_error(tmp_path: Path, capsys):
+    from weakseg.cli import main
+
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    assert main(["make-synthetic", str(out), "--train", "2", "--val", "1", "--test", "1", "--size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "not a directory" in err and "Traceback" not in err
+    assert out.read_text() == "keep me"
+
+
+def test_first_use_survives_a_rival_that_generates_the_same_set_first(tmp_path: Path, monkeypatch):
+    """Two trials asking for the missing synthetic set at once: the one that renames second still succeeds.
+
+    The rival's whole generation is slipped in just before this call's rename, deterministically.
+    """
+    from weakseg.config import load_config
+    from weakseg.data import build
+
+    cfg = load_config("demo", [f"data.root={tmp_path / 'synthetic'}", "data.synthetic_train=4", "data.synthetic_val=2",
+                               "data.synthetic_test=2", "data.synthetic_size=48"]).data
+    real_swap = synthetic._swap_into_place
+
+    def rival_first(tmp: Path, out: Path, overwrite: bool) -> None:
+        monkeypatch.setattr(synthetic, "_swap_into_place", real_swap)
+        make_synthetic(out, n_train=4, n_val=2, n_test=2, size=48, seed=cfg.synthetic_seed)
+        real_swap(tmp, out, overwrite)
+
+    monkeypatch.setattr(synthetic, "_swap_into_place", rival_first)
+    assert build.ensure_synthetic(cfg) == tmp_path / "synthetic"
+    assert len(list((tmp_path / "synthetic" / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))) == 8
+    assert [p.name for p in tmp_path.iterdir()] == ["synthetic"]  # the loser's temp folder is gone

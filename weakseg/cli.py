@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.tracking.uri or cfg.tracking.experiment:
         from weakseg.search.tracking import TrainRunReporter
 
-        reporter = TrainRunReporter(cfg, run_dir, inner=reporter)
+        reporter = TrainRunReporter(cfg, run_dir, inner=reporter, resume=args.resume)
     print(f"weakseg train: {cfg.name} -> {run_dir}", flush=True)
     with reporter_context(reporter):
         state = fit(cfg, run_dir, resume_from=resume_from, reporter=reporter)
@@ -63,7 +63,10 @@ def _check_resumable(path: Path, cfg) -> None:
     state = load_checkpoint(path)
     old = checkpoint_config(state, path).flat()
     new = cfg.flat()
-    free = ("train.", "optim.iterations", "data.workers", "data.val_limit", "tracking.")
+    # how the run executes or reports may change; what it computes may not (train.seed picks the data stream)
+    free = tuple(f"train.{k}" for k in ("device", "amp", "channels_last", "compile", "pin_memory",
+                                        "persistent_workers", "eval_every", "log_every", "progress", "overlays"))
+    free += ("optim.iterations", "data.workers", "data.val_limit", "tracking.")
     diff = [k for k in new if not k.startswith(free) and old.get(k) != new[k]]
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff[:4])
@@ -253,7 +256,7 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     out = Path(args.out).resolve()
-    if out.exists() and any(out.iterdir()) and not args.force:
+    if out.is_dir() and any(out.iterdir()) and not args.force:
         raise UserError(f"make-synthetic: {out} exists and is not empty (pass --force to replace a generated set)")
     voc = make_synthetic(
         out, n_train=args.train, n_val=args.val, n_test=args.test, size=args.size,

@@ -106,6 +106,8 @@ class TrainConfig:
     amp: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
     compile: bool = False  # torch.compile the model
+    pin_memory: Literal["auto", "on", "off"] = "auto"  # page-locked batches for async host-to-GPU copies; auto: CUDA
+    persistent_workers: bool = True  # keep the evaluation loader's workers between evaluations
     seed: int = 0
     eval_every: int = 2000
     log_every: int = 20

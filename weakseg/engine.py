@@ -63,6 +63,12 @@ def use_channels_last(cfg: Config, device: torch.device) -> bool:
     return cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda")
 
 
+def loader_options(cfg: Config, device: torch.device) -> build.LoaderOptions:
+    """Data-loading switches: pinned memory helps only for copies to a GPU (auto), workers as configured."""
+    pin = cfg.train.pin_memory == "on" or (cfg.train.pin_memory == "auto" and device.type == "cuda")
+    return build.LoaderOptions(workers=cfg.data.workers, pin_memory=pin, persistent=cfg.train.persistent_workers)
+
+
 # ----------------------------------------------------------------------- evaluation
 
 
@@ -209,6 +215,11 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
     )
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.StepLR:
+    """Every learning rate multiplied by `lr_gamma` (the paper: halved) every `lr_step` iterations."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.optim.lr_step, gamma=cfg.optim.lr_gamma)
+
+
 def train_step(
     model: nn.Module,
     batch: dict[str, Tensor],
@@ -270,13 +281,13 @@ def fit(
 
     train_ds = build.train_dataset(cfg)
     val_ds = build.limit(build.eval_dataset(cfg), cfg.data.val_limit)
-    loader_opts = build.LoaderOptions(workers=cfg.data.workers, pin_memory=device.type == "cuda")
+    loader_opts = loader_options(cfg, device)
 
     model = model_from_config(cfg, pretrained=resume_from is None).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.optim.lr_step, gamma=cfg.optim.lr_gamma)
+    scheduler = make_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     state = TrainState(model, optimizer, scheduler, scaler)
     if resume_from is not None:
@@ -307,7 +318,9 @@ def fit(
         scalars = window.add(parts, batch["image"].shape[0], time.perf_counter() - t0, state, flush=flush)
         if flush:
             if progress:
-                bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{scalars['train/images_per_s']:.1f}")
+                bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", cls=f"{scalars['train/loss_class']:.3f}",
+                                neighb=f"{scalars['train/loss_neighb']:.3f}", lam=f"{scalars['train/lambda']:.2g}",
+                                img_s=f"{scalars['train/images_per_s']:.1f}")
             reporter.log(it, scalars)
         if evaluate_now:
             _evaluate_and_checkpoint(state, cfg, run_dir, val_loader, device, amp, progress, reporter, final=it == total)

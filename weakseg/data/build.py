@@ -172,6 +172,7 @@ class SeededItems(Dataset):
 class LoaderOptions:
     workers: int
     pin_memory: bool
+    persistent: bool = True  # evaluation loader: keep its workers alive between evaluations
 
 
 def train_loader(ds: Dataset, cfg: Config, start: int, stop: int, opts: LoaderOptions) -> DataLoader:
@@ -181,7 +182,7 @@ def train_loader(ds: Dataset, cfg: Config, start: int, stop: int, opts: LoaderOp
         batch_sampler=sampler,
         num_workers=opts.workers,
         pin_memory=opts.pin_memory,
-        persistent_workers=False,
+        persistent_workers=False,  # one iterator serves the whole run: nothing to persist across
         prefetch_factor=4 if opts.workers > 0 else None,
     )
 
@@ -190,4 +191,4 @@ def eval_loader(ds: Dataset, opts: LoaderOptions) -> DataLoader:
     """One image per batch: evaluation runs at each image's own size."""
     # persistent: the same loader serves every evaluation of a run, so its workers are started once
     return DataLoader(ds, batch_size=1, shuffle=False, num_workers=opts.workers, pin_memory=opts.pin_memory,
-                      persistent_workers=opts.workers > 0)
+                      persistent_workers=opts.persistent and opts.workers > 0)

@@ -293,23 +293,58 @@ def checkpoint_of_run(uri: str, run_id: str) -> str:
 
 
 class TrainRunReporter:
-    """MLflow logging for a single `weakseg train` run (tracking.uri / tracking.experiment set)."""
+    """MLflow logging for a single `weakseg train` run (tracking.uri / tracking.experiment set).
 
-    def __init__(self, cfg, run_dir: Path, inner=None):
+    The run's id is kept in RUN_DIR/mlflow_run_id, so `--resume` continues the same MLflow run
+    (metrics carry on at their iterations) instead of starting a second one.
+    """
+
+    RUN_ID_FILE = "mlflow_run_id"
+
+    def __init__(self, cfg, run_dir: Path, inner=None, resume: bool = False):
         uri = cfg.tracking.uri or f"sqlite:///{(Path(run_dir).parent / 'mlflow.db').resolve()}"
         check_reachable(uri)
         _make_sqlite_folder(uri)
         self.inner = inner
         self.client = _client(uri)
-        exp_id = ensure_experiment(uri, cfg.tracking.experiment or cfg.name)
-        run = retry(
-            lambda: self.client.create_run(exp_id, tags={TAG_ROLE: "train"}, run_name=Path(run_dir).name),
-            "creating the training run",
-        )
-        self.run_id = run.info.run_id
         self.run_dir = Path(run_dir)
-        _log_params(self.client, self.run_id, cfg.flat())
-        print(f"MLflow: run {self.run_id} in experiment {cfg.tracking.experiment or cfg.name} at {uri}", flush=True)
+        exp_name = cfg.tracking.experiment or cfg.name
+        exp_id = ensure_experiment(uri, exp_name)
+        id_file = self.run_dir / self.RUN_ID_FILE
+        previous = self._previous_run(id_file, exp_id) if resume else None
+        if previous is not None:
+            self.run_id = previous.info.run_id
+            retry(lambda: self.client.update_run(self.run_id, status="RUNNING"), "reopening the training run")
+            logged = previous.data.params
+            flat = {k: "null" if v is None else str(v) for k, v in cfg.flat().items()}
+            _log_params(self.client, self.run_id, {k: v for k, v in flat.items() if k not in logged})
+            for k, v in flat.items():  # MLflow params are immutable: record what --resume changed as tags
+                if k in logged and logged[k] != v:
+                    retry(lambda: self.client.set_tag(self.run_id, f"resumed.{k}", v), "tagging the training run")
+            what = "continuing"
+        else:
+            run = retry(
+                lambda: self.client.create_run(exp_id, tags={TAG_ROLE: "train"}, run_name=self.run_dir.name),
+                "creating the training run",
+            )
+            self.run_id = run.info.run_id
+            _log_params(self.client, self.run_id, cfg.flat())
+            from weakseg.io import atomic_write_text
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(id_file, self.run_id + "\n")
+            what = "run"
+        print(f"MLflow: {what} {self.run_id} in experiment {exp_name} at {uri}", flush=True)
+
+    def _previous_run(self, id_file: Path, exp_id: str):
+        """The run this run folder logged to before, if it is in this store and experiment."""
+        if not id_file.is_file():
+            return None
+        try:
+            run = self.client.get_run(id_file.read_text().strip())
+        except Exception:
+            return None  # another store or a deleted run: start a new one
+        return run if run.info.experiment_id == exp_id else None
 
     def log(self, iteration: int, scalars: dict[str, float]) -> None:
         _log_metrics(self.client, self.run_id, scalars, iteration)
