@@ -442,7 +442,8 @@ def _reconcile_children(parent: Any, rows: list) -> None:
             continue
         row = by_id.get(trial_id)
         if row is None:
-            parent.close_child(trial_id, "KILLED", "abandoned")
+            # started by a driver that died before saving it: the resumed search never had this trial
+            parent.close_child(trial_id, "KILLED", "abandoned", role="abandoned")
         elif row.outcome in ("failed", "diverged"):
             parent.close_child(trial_id, "FAILED", row.outcome, error=row.error)
         else:

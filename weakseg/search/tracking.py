@@ -265,11 +265,14 @@ class SearchRun:
         if best:
             retry(lambda: client.set_tag(self.run_id, TAG_CHECKPOINT, best), "tagging the search run")
 
-    def close_child(self, trial_id: str, status: str, outcome: str, error: str | None = None) -> None:
-        """Set a trial run's final status (driver side)."""
+    def close_child(self, trial_id: str, status: str, outcome: str, error: str | None = None,
+                    role: str | None = None) -> None:
+        """Set a trial run's final status (driver side); `role` re-tags it (e.g. "abandoned": not a trial)."""
         client = _client(self.uri)
         for r in self._runs_of_trial(client, trial_id):
             retry(lambda: client.set_tag(r.info.run_id, TAG_OUTCOME, outcome), "tagging a trial run")
+            if role:
+                retry(lambda: client.set_tag(r.info.run_id, TAG_ROLE, role), "tagging a trial run")
             if error:
                 retry(lambda: client.set_tag(r.info.run_id, TAG_ERROR, error[:4000]), "tagging a trial run")
             retry(lambda: client.set_terminated(r.info.run_id, status=status), "closing a trial run")
