@@ -47,6 +47,36 @@ def test_resume_continues_exactly(tmp_path: Path, tiny_overrides):
     assert len(rows) == 3 and rows[1].count(",") == rows[2].count(",")
 
 
+class StopAt:
+    """A reporter that interrupts training (as Ctrl-C would) when iteration `at` is logged."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def log(self, iteration, scalars) -> None:
+        if iteration == self.at:
+            raise KeyboardInterrupt
+
+    def evaluated(self, iteration, scalars, result, final) -> None:
+        pass
+
+
+def test_interrupted_between_evaluations_resumes_from_the_periodic_checkpoint(tmp_path: Path, tiny_overrides):
+    """checkpoint_every=2: killed at iteration 5, resumed from 4, the run ends as if never stopped."""
+    sets = ["optim.iterations=7", "train.eval_every=7", "train.log_every=1", "optim.lr_step=3", "data.val_limit=1"]
+    straight = fit(cfg_with(tiny_overrides, *sets), tmp_path / "a")
+    cfg = cfg_with(tiny_overrides, *sets, "train.checkpoint_every=2")
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, tmp_path / "b", reporter=StopAt(5))
+    last = tmp_path / "b" / "checkpoints" / "last.pt"
+    assert load_checkpoint(last)["iteration"] == 4
+    resumed = fit(cfg, tmp_path / "b", resume_from=last)
+    assert resumed.iteration == 7
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 def test_lr_schedule_and_groups_follow_section_5_3(tiny_overrides):
     """lr halves every lr_step iterations; pretrained layers get lr_pretrained, new ones lr_new."""
     cfg = cfg_with(tiny_overrides, "optim.lr_pretrained=0.001", "optim.lr_new=0.01", "optim.lr_step=5")

@@ -65,7 +65,8 @@ def _check_resumable(path: Path, cfg) -> None:
     new = cfg.flat()
     # how the run executes or reports may change; what it computes may not (train.seed picks the data stream)
     free = tuple(f"train.{k}" for k in ("device", "amp", "channels_last", "compile", "pin_memory",
-                                        "persistent_workers", "eval_every", "log_every", "progress", "overlays"))
+                                        "persistent_workers", "eval_every", "checkpoint_every", "log_every", "progress",
+                                        "overlays"))
     free += ("optim.iterations", "data.workers", "data.val_limit", "tracking.")
     diff = [k for k in new if not k.startswith(free) and old.get(k) != new[k]]
     if diff:

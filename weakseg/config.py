@@ -110,6 +110,7 @@ class TrainConfig:
     persistent_workers: bool = True  # keep the evaluation loader's workers between evaluations
     seed: int = 0
     eval_every: int = 2000
+    checkpoint_every: int = 0  # also save last.pt every this many iterations between evaluations (0: off)
     log_every: int = 20
     progress: Literal["auto", "on", "off"] = "auto"  # progress bar; auto: when stderr is a terminal
     overlays: int = 4  # prediction overlays saved at each evaluation
@@ -441,6 +442,7 @@ def _validate(cfg: Config) -> None:
     _check(o.iterations >= 1, "optim.iterations", "must be at least 1")
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: off)")
     _check(t.eval_every >= 1, "train.eval_every", "must be at least 1")
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: only at evaluations)")
     _check(t.log_every >= 1, "train.log_every", "must be at least 1")
     _check(t.overlays >= 0, "train.overlays", "must be >= 0")
     _check(

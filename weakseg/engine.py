@@ -325,7 +325,17 @@ def fit(
         if evaluate_now:
             _evaluate_and_checkpoint(state, cfg, run_dir, val_loader, device, amp, progress, reporter, final=it == total)
             model.train()
+        elif cfg.train.checkpoint_every and it % cfg.train.checkpoint_every == 0:
+            _save_last(state, cfg, run_dir, state.history[-1] if state.history else {})
     return state
+
+
+def _save_last(state: TrainState, cfg: Config, run_dir: Path, metrics: dict[str, float]) -> dict[str, Any]:
+    """checkpoints/last.pt: everything `--resume` needs to continue exactly from this iteration."""
+    kwargs = dict(cfg=cfg, model=state.model, iteration=state.iteration, optimizer=state.optimizer,
+                  scheduler=state.scheduler, scaler=state.scaler, best_miou=state.best_miou, metrics=metrics)
+    save_checkpoint(run_dir / "checkpoints" / "last.pt", **kwargs)
+    return kwargs
 
 
 class _Window:
@@ -377,12 +387,9 @@ def _evaluate_and_checkpoint(state, cfg, run_dir, val_loader, device, amp, progr
     improved = math.isnan(state.best_miou) or miou > state.best_miou
     if improved:
         state.best_miou = miou
-    ckpt = run_dir / "checkpoints"
-    kwargs = dict(cfg=cfg, model=state.model, iteration=state.iteration, optimizer=state.optimizer,
-                  scheduler=state.scheduler, scaler=state.scaler, best_miou=state.best_miou, metrics=scalars)
-    save_checkpoint(ckpt / "last.pt", **kwargs)
+    kwargs = _save_last(state, cfg, run_dir, scalars)
     if improved:
-        save_checkpoint(ckpt / "best.pt", **kwargs)
+        save_checkpoint(run_dir / "checkpoints" / "best.pt", **kwargs)
     state.history.append(scalars)
     _write_history(run_dir / "metrics.csv", state.history)
     eval_dir = run_dir / "eval"
