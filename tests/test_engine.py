@@ -337,3 +337,29 @@ def test_full_supervision_trains_on_the_masks(tmp_path: Path, tiny_overrides):
     losses = [rec.logged[t]["train/loss"] for t in (10, 20, 30)]
     assert all(rec.logged[t]["train/loss_neighb"] == 0.0 for t in (10, 20, 30))
     assert losses[0] < math.log(21) and losses[2] < losses[0], losses
+
+
+def test_format_1_checkpoints_without_decoder_biases_still_evaluate(tmp_path: Path, tiny_overrides):
+    """A checkpoint saved before the decoder convs had biases is the same model with zero biases."""
+    cfg = cfg_with(tiny_overrides)
+    model = SegNet("tiny", 21, 16, 4).eval()
+    path = tmp_path / "v2.pt"
+    save_checkpoint(path, cfg=cfg, model=model, iteration=3)
+    state = torch.load(path, weights_only=True)
+    biases = [k for k in state["model"] if k.endswith(".0.bias") and not k.startswith("encoder.")]
+    assert len(biases) == 7  # skip4, skip8, dec16, dec8 x2, dec4 x2
+    for k in biases:
+        state["model"][k].zero_()
+    expected_model = SegNet("tiny", 21, 16, 4).eval()
+    expected_model.load_state_dict(state["model"])
+    for k in biases:
+        del state["model"][k]
+    state["format_version"] = 1
+    old = tmp_path / "v1.pt"
+    torch.save(state, old)
+    loaded, _, _ = load_model(old)
+    image = torch.rand(1, 3, 40, 52) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image), expected_model(image), rtol=0, atol=0)
+    with pytest.raises(UserError, match="format 1.*cannot resume"):
+        fit(cfg_with(tiny_overrides, "optim.iterations=4"), tmp_path / "run", resume_from=old)

@@ -32,3 +32,27 @@ def test_restart_closes_what_a_killed_search_left_running_and_drops_dead_checkpo
     assert client.get_run(other.run_id).info.status == "RUNNING"
     assert client.get_run(other_child).info.status == "RUNNING"
     assert SearchRun(uri, "exp", "/ray/never").retire_previous() is None
+
+
+def test_a_resumed_training_run_reattaches_unless_its_mlflow_run_was_deleted(tmp_path: Path):
+    from weakseg.config import load_config
+    from weakseg.search.tracking import TrainRunReporter
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config("demo", [f"tracking.uri={uri}", "tracking.experiment=e"])
+    first = TrainRunReporter(cfg, tmp_path / "run")
+    first.close(error=RuntimeError("power cut"))
+    client = MlflowClient(uri)
+    assert client.get_run(first.run_id).data.tags["weakseg.error"] == "power cut"
+
+    again = TrainRunReporter(cfg, tmp_path / "run", resume=True)
+    assert again.run_id == first.run_id
+    run = client.get_run(first.run_id)
+    assert run.info.status == "RUNNING" and "weakseg.error" not in run.data.tags
+    again.close()
+
+    client.delete_run(first.run_id)  # deleted in the UI: a resume starts a new run instead of failing
+    third = TrainRunReporter(cfg, tmp_path / "run", resume=True)
+    assert third.run_id != first.run_id
+    assert (tmp_path / "run" / "mlflow_run_id").read_text().strip() == third.run_id
+    assert TrainRunReporter(cfg, tmp_path / "other").run_id not in (first.run_id, third.run_id)

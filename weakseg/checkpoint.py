@@ -22,7 +22,7 @@ from weakseg.io import atomic_write_bytes
 from weakseg.model import SegNet
 
 FORMAT = "weakseg-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: decoder convolutions have a bias (1: they had none; read as a zero bias)
 
 
 def save_checkpoint(
@@ -97,7 +97,11 @@ def model_from_config(cfg: Config, pretrained: bool = True) -> SegNet:
 def load_weights(model: nn.Module, state: dict[str, Any], path: Path) -> None:
     """Load weights strictly; a checkpoint of another architecture is a clear error."""
     own = unwrap(model).state_dict()
-    theirs = state["model"]
+    theirs = dict(state["model"])
+    if state.get("format_version", 1) < 2:  # decoder convs without bias: a zero bias is the same model
+        for k, v in own.items():
+            if k not in theirs and k.endswith(".0.bias") and k.removesuffix("bias") + "weight" in theirs:
+                theirs[k] = torch.zeros_like(v)
     missing = [k for k in own if k not in theirs]
     unexpected = [k for k in theirs if k not in own]
     wrong = [k for k in own if k in theirs and tuple(theirs[k].shape) != tuple(own[k].shape)]

@@ -314,7 +314,8 @@ def fit(
         it = state.iteration
         evaluate_now = it % cfg.train.eval_every == 0 or it == total
         # flushing checks the loss is finite: always before an evaluation writes a checkpoint
-        flush = evaluate_now or it % cfg.train.log_every == 0
+        checkpoint_now = bool(cfg.train.checkpoint_every) and it % cfg.train.checkpoint_every == 0
+        flush = evaluate_now or checkpoint_now or it % cfg.train.log_every == 0
         scalars = window.add(parts, batch["image"].shape[0], time.perf_counter() - t0, state, flush=flush)
         if flush:
             if progress:
@@ -325,7 +326,7 @@ def fit(
         if evaluate_now:
             _evaluate_and_checkpoint(state, cfg, run_dir, val_loader, device, amp, progress, reporter, final=it == total)
             model.train()
-        elif cfg.train.checkpoint_every and it % cfg.train.checkpoint_every == 0:
+        elif checkpoint_now:
             _save_last(state, cfg, run_dir, state.history[-1] if state.history else {})
     return state
 
@@ -407,6 +408,9 @@ def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
 def _restore(state: TrainState, path: Path, device: torch.device) -> None:
     """Continue exactly where a checkpoint stopped: weights, momentum, schedule, iteration."""
     ck = load_checkpoint(path, map_location=device)
+    if ck.get("format_version", 1) < 2:
+        raise UserError(f"checkpoint {path} is from weakseg's format 1 (decoder convs without bias): "
+                        "it can be evaluated and exported, but training cannot resume from it")
     load_weights(state.model, ck, path)
     if ck.get("optimizer") is None or ck.get("scheduler") is None:
         raise UserError(f"checkpoint {path} has no optimizer state: it can be evaluated but not resumed")

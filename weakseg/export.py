@@ -44,7 +44,7 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.height, im.width
-    except (OSError, SyntaxError) as e:
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"export: cannot read the size of {path} ({e})") from None
 
 

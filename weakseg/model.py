@@ -157,12 +157,15 @@ def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
     Cell (r, c) covers input pixels [4r, 4r+4) x [4c, 4c+4) (see `SegNet.forward`),
     so the logits are upsampled by exactly 4, to the padded size (4h, 4w), and
     cropped; resizing straight to (H, W) would stretch the grid by up to half a
-    pixel when H or W is not a multiple of 4.
+    pixel when H or W is not a multiple of 4. Logits on any other grid (a model
+    of another stride) are resized as a whole.
     """
     h, w = logits.shape[-2:]
     H, W = size
-    if (h, w) != output_size(H, W):
-        raise ValueError(f"logits grid {(h, w)} is not the stride-4 grid of a {H}x{W} input")
+    if (h, w) == (H, W):
+        return logits
+    if (h, w) != output_size(H, W):  # not SegNet's grid (another model): plain bilinear resize
+        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
     up = F.interpolate(logits, size=(OUTPUT_STRIDE * h, OUTPUT_STRIDE * w), mode="bilinear", align_corners=False)
     return up[:, :, :H, :W]
 

@@ -169,7 +169,7 @@ def neighborhood_distribution(probs: Tensor, image: Tensor, variant: str = "exp"
     """The neighbourhood distribution p̄ (eq. 10 or 12): (B, C, h, w).
 
     probs (B, C, h, w) softmax output; image (B, 3, H, W) in 0–255 at input
-    resolution, resized to (h, w) inside; θβ, θγ in input pixels (divided by
+    resolution, averaged onto the (h, w) cells inside (`colours_on_grid`); θβ, θγ in input pixels (divided by
     `stride`), θα in colour units. `valid` (B, h, w) bool excludes padding from
     every neighbourhood; p̄ at invalid cells is finite but meaningless.
     Returned in float32 (float64 for float64 probs).

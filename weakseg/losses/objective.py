@@ -52,7 +52,7 @@ def valid_on_grid(valid: Tensor | None, size: tuple[int, int]) -> Tensor | None:
     H, W = valid.shape[-2:]
     h, w = size
     if (H, W) == (h, w):
-        return valid
+        return valid > 0.5 if valid.is_floating_point() else valid.bool()
     v = valid[:, None].float()  # (B, 1, H, W)
     if output_size(H, W) == (h, w):
         frac = F.avg_pool2d(F.pad(v, (0, OUTPUT_STRIDE * w - W, 0, OUTPUT_STRIDE * h - H)), OUTPUT_STRIDE)

@@ -9,6 +9,10 @@ results/<search>/best_iou.png            the best trial's per-class IoU
 
 from __future__ import annotations
 
+# what one search leaves in results/<search>/ (search.json is written by run.py)
+SUMMARY_FILES = ("trials.csv", "trials.md", "best_config.yaml", "best_checkpoint.txt", "metric_vs_lambda.png",
+                 "best_iou.png", "search.json")
+
 import csv
 import io
 import math

@@ -252,13 +252,16 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
     search_key = exp_path
     with quiet_mlflow():
         parent = SearchRun(space.tracking_uri, space.experiment, search_key)
-        if restart and previous:  # only now, after every check that could still refuse to start
-            _delete_experiment(exp_path)
-            for stale in ("search.json", "best_checkpoint.txt"):  # they name the checkpoints just deleted
+        if restart:  # only now, after every check that could still refuse to start
+            from weakseg.search.results import SUMMARY_FILES
+
+            retired = parent.retire_previous()  # first: even if the Ray state is already gone
+            if previous:
+                _delete_experiment(exp_path)
+            for stale in SUMMARY_FILES:  # the old search's tables name checkpoints that are gone
                 (space.results_dir / stale).unlink(missing_ok=True)
-            retired = parent.retire_previous()
             print(f"--restart: removed the previous search state at {exp_path}"
-                  + (f"; closed its MLflow run {retired} as KILLED (restarted)" if retired else ""), flush=True)
+                  + (f"; closed its MLflow run {retired} (RUNNING ones as KILLED)" if retired else ""), flush=True)
         parent.start(
             resume,
             params={**{f"settings.{k}": v for k, v in _settings_params(space).items()},
@@ -330,10 +333,11 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
 
 
 def _experiment_fs(exp_path: str):
-    """(filesystem, path) of a Ray experiment folder, local or on a bucket (pyarrow understands both)."""
-    import pyarrow.fs
+    """(filesystem, path) of a Ray experiment folder, resolved as Ray Tune resolves storage paths
+    (pyarrow, with fsspec for schemes pyarrow lacks), so weakseg and Tune agree on what is there."""
+    from ray.train._internal.storage import get_fs_and_path
 
-    return pyarrow.fs.FileSystem.from_uri(exp_path if "://" in exp_path else str(Path(exp_path).resolve()))
+    return get_fs_and_path(exp_path if "://" in exp_path else str(Path(exp_path).resolve()))
 
 
 def _experiment_exists(exp_path: str) -> bool:
@@ -343,7 +347,7 @@ def _experiment_exists(exp_path: str) -> bool:
     try:
         fs, path = _experiment_fs(exp_path)
         return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-    except OSError as e:
+    except Exception as e:  # pyarrow raises OSError or ArrowInvalid (a ValueError), fsspec its own
         raise UserError(f"settings.storage_path: cannot read {exp_path} ({e})") from None
 
 
@@ -351,7 +355,7 @@ def _delete_experiment(exp_path: str) -> None:
     try:
         fs, path = _experiment_fs(exp_path)
         fs.delete_dir(path)
-    except OSError as e:
+    except Exception as e:
         raise UserError(f"--restart: could not remove the previous search at {exp_path} ({e})") from None
 
 

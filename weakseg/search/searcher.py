@@ -13,10 +13,13 @@ Defined at module level so that Ray can pickle it with the experiment state.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
+
+logger = logging.getLogger(__name__)
 
 
 class EarlyStopAwareOptunaSearch(OptunaSearch):
@@ -42,9 +45,8 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
             return super().on_trial_complete(trial_id, result, error)
         try:
             self._ot_study.tell(self._ot_trials[trial_id], state=state)
-        except RuntimeError as e:
-            # Optuna's GridSampler calls study.stop() once every grid point has been handed out, and
-            # stop() raises outside study.optimize(); the trial's state is stored before that.
-            if "Study.stop" not in str(e):
-                raise
+        except Exception as e:  # as Ray's OptunaSearch does: a bookkeeping error must not end the search
+            # e.g. Optuna's GridSampler calls study.stop() once every grid point has been handed out,
+            # and stop() raises outside study.optimize(), after the trial's state has been stored
+            logger.warning("Optuna could not record trial %s as %s: %s", trial_id, state.name, e)
         self._completed_trials.add(trial_id)

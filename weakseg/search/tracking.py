@@ -30,7 +30,7 @@ from weakseg.errors import UserError
 T = TypeVar("T")
 
 TAG_SEARCH = "weakseg.search"  # on the parent: the Ray experiment path it tracks
-TAG_ROLE = "weakseg.role"  # "search" | "trial" | "train"
+TAG_ROLE = "weakseg.role"  # "search" | "trial" | "abandoned" | "train" | "evaluate"
 TAG_TRIAL = "weakseg.trial_id"
 TAG_OUTCOME = "weakseg.outcome"  # completed | stopped_early | failed | diverged
 TAG_ERROR = "weakseg.error"
@@ -343,11 +343,20 @@ class TrainRunReporter:
         """The run this run folder logged to before, if it is in this store and experiment."""
         if not id_file.is_file():
             return None
+        from mlflow.exceptions import MlflowException
+
+        run_id = id_file.read_text().strip()
         try:
-            run = self.client.get_run(id_file.read_text().strip())
-        except Exception:
-            return None  # another store or a deleted run: start a new one
-        return run if run.info.experiment_id == exp_id else None
+            run = self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None  # logged to another store: start a new run here
+            raise UserError(f"MLflow: looking up the run {run_id} of {self.run_dir} failed: {e.message}") from None
+        if run.info.experiment_id != exp_id or run.info.lifecycle_stage != "active":
+            return None  # another experiment, or deleted in the UI: start a new run
+        with contextlib.suppress(Exception):  # the error of the attempt that stopped is history now
+            self.client.delete_tag(run_id, TAG_ERROR)
+        return run
 
     def log(self, iteration: int, scalars: dict[str, float]) -> None:
         _log_metrics(self.client, self.run_id, scalars, iteration)
