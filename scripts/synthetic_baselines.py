@@ -37,6 +37,11 @@ def slug(sets: list[str]) -> str:
     """A run folder's name: its overrides, e.g. loss.variant-exp_loss.lam-0.3."""
     return "_".join(x.replace("=", "-") for x in sets)
 
+# repeated with train.seed = 1 .. --seeds - 1 (another initialisation and data order): how much of the
+# differences above is seed noise
+SEED_RUNS = ("weak, λ = 0 (prior only)", "weak, mean, λ = 1.0", "weak, exp, λ = 0.1",
+             "weak, exp, λ = 0.1, grad detach")
+
 
 def schedule(args: argparse.Namespace) -> list[str]:
     return [f"optim.iterations={args.iterations}", f"optim.lr_step={args.iterations // 3}"]
@@ -117,6 +122,7 @@ def main() -> None:
     p.add_argument("--data", default=str(REPO / "data" / "synthetic"))
     p.add_argument("--out", default=str(REPO / "runs" / "baselines"))
     p.add_argument("--md", default=str(REPO / "results" / "synthetic_baselines.md"))
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the SEED_RUNS (1: the main table only)")
     args = p.parse_args()
     # generate the data once, before the runs start (two runs would otherwise both generate it)
     sys.path.insert(0, str(REPO))
@@ -126,9 +132,14 @@ def main() -> None:
 
     cfg = load_config("demo", [f"data.root={args.data}"])
     build.ensure_synthetic(cfg.data)
+    by_label = dict(RUNS)
+    repeats = [(label, seed) for label in SEED_RUNS for seed in range(1, args.seeds)]
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_one, label, sets, args) for label, sets in RUNS]
+        seeded = {key: pool.submit(run_one, f"{key[0]}, seed {key[1]}", by_label[key[0]] + [f"train.seed={key[1]}"],
+                                   args) for key in repeats}
         results = [f.result() for f in futures]
+        seeded = {key: f.result() for key, f in seeded.items()}
 
     classes = [c for c in results[0]["rows"][-1] if c.startswith("val/iou/")
                and any(r["rows"][-1].get(c, "nan") != "nan" for r in results)]
@@ -158,7 +169,20 @@ def main() -> None:
             f"| {r['label']} | `{' '.join(r['sets'])}` | {pct(last['val/miou'])} | {pct(best)} | "
             f"{pct(last.get('val/boundary_iou'))} | {pct(last.get('val/trimap_acc/4px'))} | {r['seconds'] / 60:.1f} min |"
         )
-    lines += ["", *findings(results), "", "Per-class IoU (%) at the last evaluation:", ""]
+    lines += ["", *findings(results)]
+    if repeats:
+        seeds = range(args.seeds)
+        lines += ["", f"Seed noise: val mIoU (last) of a few runs trained again with `train.seed` = "
+                      f"{', '.join(map(str, seeds[1:]))} (seed 0 is the table above):", "",
+                  "| run | " + " | ".join(f"seed {k}" for k in seeds) + " | mean | range |",
+                  "|---|" + "---:|" * (len(seeds) + 2)]
+        main_runs = {r["label"]: r for r in results}
+        for label in SEED_RUNS:
+            vals = [float(main_runs[label]["rows"][-1]["val/miou"])]
+            vals += [float(seeded[(label, k)]["rows"][-1]["val/miou"]) for k in seeds[1:]]
+            lines.append(f"| {label} | " + " | ".join(pct(v) for v in vals)
+                         + f" | {pct(sum(vals) / len(vals))} | {pct(max(vals) - min(vals))} |")
+    lines += ["", "Per-class IoU (%) at the last evaluation:", ""]
     names = [c.split("/")[-1] for c in classes]
     lines.append("| run | " + " | ".join(names) + " |")
     lines.append("|---|" + "---:|" * len(names))
