@@ -261,7 +261,8 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
             for stale in SUMMARY_FILES:  # the old search's tables name checkpoints that are gone
                 (space.results_dir / stale).unlink(missing_ok=True)
             print(f"--restart: removed the previous search state at {exp_path}"
-                  + (f"; closed its MLflow run {retired} (RUNNING ones as KILLED)" if retired else ""), flush=True)
+                  + (f"; MLflow keeps its run {retired} (anything left RUNNING is now KILLED)" if retired else ""),
+                  flush=True)
         parent.start(
             resume,
             params={**{f"settings.{k}": v for k, v in _settings_params(space).items()},
