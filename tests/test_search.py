@@ -69,6 +69,14 @@ def search_env(tmp_path: Path) -> dict:
     return env
 
 
+def optuna_trial_states(exp_dir: Path) -> list[str]:
+    """The state Optuna recorded for each trial, from the searcher state Ray pickles with the experiment."""
+    state = sorted(exp_dir.glob("searcher-state-*.pkl"))[-1]
+    searcher = pickle.loads(state.read_bytes())
+    study = searcher["_ot_study"] if isinstance(searcher, dict) else searcher._ot_study
+    return [t.state.name for t in study.trials]
+
+
 def runs_of(tmp_path: Path, name: str):
     client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
     exp = client.get_experiment_by_name(name)
@@ -168,10 +176,7 @@ def test_asha_stops_trials_early_and_tells_optuna_they_were_pruned(tmp_path: Pat
     table = {row.split(",")[1]: row.split(",")[2]
              for row in (tmp_path / "results" / "t4" / "trials.csv").read_text().strip().splitlines()[1:]}
     assert table == outcome
-    state = sorted((tmp_path / "results" / "ray" / "t4").glob("searcher-state-*.pkl"))[-1]
-    searcher = pickle.loads(state.read_bytes())
-    study = searcher["_ot_study"] if isinstance(searcher, dict) else searcher._ot_study
-    states = sorted(t.state.name for t in study.trials)
+    states = sorted(optuna_trial_states(tmp_path / "results" / "ray" / "t4"))
     counts = {o: list(outcome.values()).count(o) for o in ("completed", "stopped_early")}
     assert states == sorted(["COMPLETE"] * counts["completed"] + ["PRUNED"] * counts["stopped_early"])
 
@@ -225,10 +230,7 @@ def test_resume_after_driver_sigkill(tmp_path: Path, synth_root: Path):
     summary = json.loads((tmp_path / "results" / "t2" / "search.json").read_text())
     assert summary["trials"] == 4
     # Optuna's history survived: 4 trials told COMPLETE, none left running, none duplicated
-    state = sorted(exp_dir.glob("searcher-state-*.pkl"))[-1]
-    searcher = pickle.loads(state.read_bytes())
-    study = searcher["_ot_study"] if isinstance(searcher, dict) else searcher._ot_study
-    states = [t.state.name for t in study.trials]
+    states = optuna_trial_states(exp_dir)
     assert states.count("COMPLETE") == 4 and len(states) == 4, states
 
 
