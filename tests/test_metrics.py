@@ -15,6 +15,7 @@ from weakseg.metrics import (
     SegMetrics,
     _scatter_count,
     boundary_band,
+    boundary_band_euclidean,
 )
 
 IGN = 255
@@ -184,28 +185,32 @@ def test_segmetrics_from_matrix_is_frozen():
 
 
 def _oracle_band(mask: np.ndarray, d: float) -> np.ndarray:
-    """Mask pixels within Euclidean distance d of the contour, by explicit loops.
-
-    Contour pixels: pixels outside the mask, in the frame padded by one pixel
-    (the image border is a contour), that are 4-adjacent to a mask pixel.
-    """
+    """The official Boundary IoU band by its own recipe, in loops: pad with a ring of
+    zeros, erode d times with a 3×3 square, keep mask − eroded."""
     H, W = mask.shape
+    cur = np.zeros((H + 2, W + 2), dtype=bool)
+    cur[1:-1, 1:-1] = mask
+    for _ in range(int(d)):
+        nxt = np.zeros_like(cur)
+        for r in range(H + 2):
+            for c in range(W + 2):
+                # cv2.erode's default border counts beyond the padded frame as set
+                nxt[r, c] = all(cur[rr, cc] if 0 <= rr < H + 2 and 0 <= cc < W + 2 else True
+                                for rr in (r - 1, r, r + 1) for cc in (c - 1, c, c + 1))
+        cur = nxt
+    return mask & ~cur[1:-1, 1:-1]
 
-    def inside(r, c):
-        return 0 <= r < H and 0 <= c < W and mask[r, c]
 
-    contour = [
-        (r, c)
-        for r in range(-1, H + 1)
-        for c in range(-1, W + 1)
-        if not inside(r, c) and any(inside(r + dr, c + dc) for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)))
-    ]
+def _oracle_band_euclidean(mask: np.ndarray, d: float) -> np.ndarray:
+    """Mask pixels within Euclidean distance d of a pixel outside the mask (the padded frame included)."""
+    H, W = mask.shape
+    outside = [(r, c) for r in range(-1, H + 1) for c in range(-1, W + 1)
+               if not (0 <= r < H and 0 <= c < W and mask[r, c])]
     band = np.zeros_like(mask, dtype=bool)
     for r in range(H):
         for c in range(W):
             if mask[r, c]:
-                nearest = min(math.hypot(r - cr, c - cc) for cr, cc in contour)
-                band[r, c] = nearest <= d
+                band[r, c] = min(math.hypot(r - cr, c - cc) for cr, cc in outside) <= d
     return band
 
 
@@ -225,10 +230,23 @@ def test_boundary_band_matches_oracle(d):
     for _ in range(3):
         mask = _blobby(rng, (11, 13), 3, void=False) == 1
         np.testing.assert_array_equal(boundary_band(mask, d), _oracle_band(mask, d))
-    # A disc: Euclidean, not chessboard, distance.
+        np.testing.assert_array_equal(boundary_band_euclidean(mask, d), _oracle_band_euclidean(mask, d))
     yy, xx = np.mgrid[:15, :15]
     disc = (yy - 7) ** 2 + (xx - 7) ** 2 <= 36
-    np.testing.assert_array_equal(boundary_band(disc, 2.5), _oracle_band(disc, 2.5))
+    np.testing.assert_array_equal(boundary_band(disc, d), _oracle_band(disc, d))
+    np.testing.assert_array_equal(boundary_band_euclidean(disc, 2.5), _oracle_band_euclidean(disc, 2.5))
+
+
+@pytest.mark.parametrize(("d", "chessboard", "euclidean"), [(1, 48, 44), (2, 96, 84)])
+def test_boundary_band_by_hand(d, chessboard, euclidean):
+    # An 11×11 mask with a one-pixel hole at its centre. The image border is a contour:
+    # d rings of it are in the band (40 pixels at d = 1, 121 − 49 = 72 at d = 2). Around the
+    # hole the official 3×3 erosion takes the (2d+1)² square (8, 24 pixels), the Euclidean
+    # band only offsets with dr² + dc² ≤ d² (4, 12 pixels).
+    mask = np.ones((11, 11), dtype=bool)
+    mask[5, 5] = False
+    assert boundary_band(mask, d).sum() == chessboard
+    assert boundary_band_euclidean(mask, d).sum() == euclidean
 
 
 def test_dilation_width():
@@ -288,10 +306,10 @@ def test_boundary_iou_shifted_square_by_hand():
     # and bottom rows over cols 12..19 (8 + 8): 16 / (36 + 36 - 16).
     assert r.intersection[1] == 16 and r.union[1] == 56
     assert r.iou[1] == pytest.approx(2 / 7)
-    # Class 0: the 156-pixel image border is in both bands; the 40 pixels
-    # 4-adjacent to each square overlap in rows 9 and 20 over cols 12..19.
-    assert r.intersection[0] == 156 + 16 and r.union[0] == 156 + 40 + 40 - 16
-    assert r.iou[0] == pytest.approx(43 / 55)
+    # Class 0: the 156-pixel image border is in both bands; the 44 pixels
+    # 8-adjacent to each square (the 3×3 erosion) overlap in rows 9 and 20 over cols 11..20.
+    assert r.intersection[0] == 156 + 20 and r.union[0] == 156 + 44 + 44 - 20
+    assert r.iou[0] == pytest.approx(176 / 224)
     # A shift never seen by mIoU-sized numbers: mask IoU of class 1 is 80/120.
     assert r.iou[1] < 80 / 120
 
