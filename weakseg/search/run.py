@@ -274,7 +274,7 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
     print(plan(space), flush=True)
     print(f"MLflow parent run {parent.run_id}", flush=True)
 
-    setup = TrialSetup(base_values=cfg.flat(), metric=s.metric)
+    setup = TrialSetup(base_values=space.base_values(), metric=s.metric)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup),
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
@@ -312,7 +312,7 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
                     checkpoint_config=tune.CheckpointConfig(
                         num_to_keep=2, checkpoint_score_attribute=s.metric, checkpoint_score_order=s.mode
                     ),
-                    callbacks=[MlflowCallback(parent, cfg.flat(), full)],
+                    callbacks=[MlflowCallback(parent, space.base_values(), full)],
                     progress_reporter=tune.CLIReporter(
                         metric_columns={"iteration": "iter", s.metric: s.metric, "train/loss": "loss"},
                         parameter_columns=[p.key for p in space.params],
@@ -389,7 +389,7 @@ def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float) -> Searc
     ranked = [r for r in rows if not math.isnan(r.best) and r.outcome not in ("failed", "diverged")]
     if ranked:
         top = max(ranked, key=lambda r: r.best) if s.mode == "max" else min(ranked, key=lambda r: r.best)
-        best_cfg = build_config(mapping_settings({**space.base_config.flat(), **top.params}, "best", None)).to_dict()
+        best_cfg = build_config(mapping_settings({**space.base_values(), **top.params}, "best", None)).to_dict()
     summary = write_summary(rows, space.results_dir, metric=s.metric, mode=s.mode, best_config=best_cfg,
                             title=f"Search `{space.name}`")
     timing = {"search_seconds": seconds, "trials": len(rows)}

@@ -168,6 +168,18 @@ class SearchSpace:
             out[k] = Setting(v, f"{self.path} (sampled {k})", None)
         return out
 
+    def base_values(self) -> dict[str, Any]:
+        """The flat resolved base config (base file <- fixed) that every trial's sample is laid over.
+
+        `loss.grad` stays `auto` unless the base or `fixed` names a mode, so a trial that
+        samples `loss.variant` gets that variant's default gradient mode, not the base's.
+        """
+        values = self.base_config.flat()
+        grad = self.trial_settings({}).get("loss.grad")
+        if grad is None or grad.value == "auto":
+            values["loss.grad"] = "auto"
+        return values
+
     def trial_config(self, sampled: Mapping[str, Any]) -> Config:
         return build_config(self.trial_settings(sampled))
 
