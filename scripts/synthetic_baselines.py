@@ -167,7 +167,8 @@ def main() -> None:
         + " --set <overrides>`. Regenerate everything with "
         f"`.venv/bin/python scripts/synthetic_baselines.py --jobs {args.jobs} --iterations {args.iterations}`.",
         "",
-        "| run | overrides | val mIoU (last) | peak val mIoU (picked on val, info only) | boundary IoU (last) | trimap acc 4 px (last) | wall time |",
+        "| run | overrides | val mIoU (last) | peak val mIoU (picked on val, info only) | boundary IoU (last) "
+        "| trimap acc 4 px (last) | wall time |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
