@@ -212,3 +212,18 @@ def test_trials_sampling_the_variant_get_its_default_gradient_mode(tmp_path: Pat
     fixed = load_space(write(tmp_path, GOOD.replace("  data.root: ../data\n",
                                                     "  data.root: ../data\n  loss.grad: both\n")))
     assert (trial_grad(fixed, "exp"), trial_grad(fixed, "mean")) == ("both", "both")
+
+
+def test_free_energy_with_a_sampled_mean_variant_is_refused_before_the_search(tmp_path: Path):
+    """free_energy is exp's: a space that can pair it with `mean` names the key before anything starts."""
+    fixed = GOOD.replace("  data.root: ../data\n", "  data.root: ../data\n  loss.grad: free_energy\n")
+    with pytest.raises(UserError, match=r"params.loss.variant.*'mean'.*free_energy is the free energy"):
+        load_space(write(tmp_path, fixed))
+    sampled = GOOD.replace("  loss.lam: {uniform: [0.0, 1.0]}\n",
+                           "  loss.lam: {uniform: [0.0, 1.0]}\n  loss.grad: {choice: [detach, free_energy]}\n")
+    with pytest.raises(UserError, match=r"params.loss.grad.*'mean'.*free_energy"):
+        load_space(write(tmp_path, sampled))
+    ok = GOOD.replace("{choice: [exp, mean, none]}", "{choice: [exp, none]}").replace(
+        "  loss.lam: {uniform: [0.0, 1.0]}\n",
+        "  loss.lam: {uniform: [0.0, 1.0]}\n  loss.grad: {choice: [both, free_energy]}\n")
+    assert load_space(write(tmp_path, ok)).params
