@@ -24,6 +24,28 @@ def test_paper_defaults_match_section_5_3_and_krahenbuhl():
     assert d.optim == o and (d.loss.w1, d.loss.theta_beta) == (10.0, 80.0)
 
 
+def test_grad_auto_resolves_per_variant_and_is_saved_concrete(tmp_path: Path):
+    """`loss.grad: auto` is exp -> detach, mean -> both; an explicit mode wins; saved configs hold the mode."""
+    assert load_config("paper").loss.grad == "detach"
+    assert load_config("demo").loss.grad == "detach"
+    assert load_config("demo", ["loss.variant=mean"]).loss.grad == "both"
+    assert load_config("demo", ["loss.variant=exp", "loss.grad=both"]).loss.grad == "both"
+    assert load_config("demo", ["loss.variant=mean", "loss.grad=detach"]).loss.grad == "detach"
+    assert load_config("demo", ["loss.grad=free_energy"]).loss.grad == "free_energy"
+    assert Config().loss.grad == "detach"  # built without the loader too
+    save_config(load_config("demo", ["loss.variant=mean"]), tmp_path / "c.yaml")
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["loss"]["grad"] == "both"
+
+
+def test_free_energy_needs_the_exp_variant(tmp_path: Path):
+    with pytest.raises(UserError, match=r"--set: loss.grad: free_energy is the free energy of the exp variant"):
+        load_config("demo", ["loss.variant=mean", "loss.grad=free_energy"])
+    f = tmp_path / "fe.yaml"
+    f.write_text("base: demo\nloss:\n  variant: mean\n  grad: free_energy\n")
+    with pytest.raises(UserError, match=r"fe.yaml:4: loss.grad: free_energy"):
+        load_config(f)
+
+
 def test_named_configs_and_base_chain():
     assert {"paper", "demo"} <= set(named_configs())
     demo = load_config("demo")

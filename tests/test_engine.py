@@ -227,7 +227,8 @@ def test_cli_train_resume_evaluate(tmp_path: Path, tiny_overrides):
     out = tmp_path / "run"
     r = run_cli("train", "demo", *sets, "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert (out / "checkpoints" / "best.pt").is_file() and (out / "config.yaml").is_file()
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "config.yaml").is_file()
+    assert not (out / "checkpoints" / "best.pt").exists()  # nothing is picked on val
     assert (out / "eval" / "classes.md").is_file() and (out / "eval" / "confusion.png").is_file()
 
     again = run_cli("train", "demo", *sets, "--out", str(out))
@@ -241,7 +242,7 @@ def test_cli_train_resume_evaluate(tmp_path: Path, tiny_overrides):
     changed = run_cli("train", "demo", *longer, "--set", "loss.lam=0.9", "--out", str(out), "--resume")
     assert changed.returncode == 2 and "loss.lam" in changed.stderr
 
-    r = run_cli("evaluate", str(out / "checkpoints" / "best.pt"), "--workers", "0", "--out", str(tmp_path / "ev"))
+    r = run_cli("evaluate", str(out / "checkpoints" / "last.pt"), "--workers", "0", "--out", str(tmp_path / "ev"))
     assert r.returncode == 0, r.stderr
     assert "background" in r.stdout and (tmp_path / "ev" / "classes.csv").is_file()
     assert (tmp_path / "ev" / "metrics.json").is_file()
@@ -285,7 +286,7 @@ def test_train_and_evaluate_log_to_mlflow_when_configured(tmp_path: Path, tiny_o
     assert "val/boundary_iou" in run.data.metrics and "val/iou/background" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/classes.md"}
 
-    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     assert main(["evaluate", str(ckpt), "--workers", "0", "--out", str(tmp_path / "ev")]) == 0
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`weakseg.role` = 'evaluate'")
     assert len(runs) == 1

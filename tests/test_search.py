@@ -112,7 +112,7 @@ def test_search_logs_parent_and_children_with_per_class_metrics(tmp_path: Path, 
         assert all(m.value > 0 for m in client.get_metric_history(c.info.run_id, "train/images_per_s"))
         arts = {a.path for a in client.list_artifacts(c.info.run_id, "eval")}
         assert {"eval/classes.md", "eval/classes.csv", "eval/confusion.png", "eval/overlays.png"} <= arts
-    assert "best/val/miou" in parent.data.metrics
+    assert "final/val/miou" in parent.data.metrics
     assert "weakseg.checkpoint" in parent.data.tags and parent.data.tags["weakseg.code_version"]
     summary_arts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
     assert {"summary/trials.md", "summary/metric_vs_lambda.png", "summary/best_iou.png"} <= summary_arts
@@ -121,9 +121,16 @@ def test_search_logs_parent_and_children_with_per_class_metrics(tmp_path: Path, 
     rows = (out / "trials.csv").read_text().strip().splitlines()
     assert len(rows) == 4  # header + 3 trials
     best = json.loads((out / "search.json").read_text())
-    # the table's best is MLflow's best, over every evaluation of every trial
-    values = [m.value for c in children for m in client.get_metric_history(c.info.run_id, "val/miou")]
-    assert best["best_value"] == pytest.approx(max(values))
+    # the search reports the best of the trials' LAST evaluations (MLflow's latest values), with
+    # the last checkpoint of that trial
+    finals = [max(client.get_metric_history(c.info.run_id, "val/miou"), key=lambda m: m.step).value
+              for c in children]
+    assert best["best_value"] == pytest.approx(max(finals))
+    assert parent.data.metrics["final/val/miou"] == pytest.approx(max(finals))
+    from weakseg.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(Path(best["best_checkpoint"]) / "checkpoint.pt")
+    assert ck["iteration"] == 4 and ck["metrics"]["val/miou"] == pytest.approx(max(finals))
     cfg = yaml.safe_load((out / "best_config.yaml").read_text())
     assert cfg["optim"]["iterations"] == 4 and cfg["model"]["backbone"] == "tiny"
     assert (Path(best["best_checkpoint"]) / "checkpoint.pt").is_file()

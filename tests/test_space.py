@@ -147,7 +147,7 @@ def test_scheduler_type_none_needs_no_asha_options(tmp_path: Path):
 
 
 def test_grid_sampler_visits_every_combination_once_even_concurrently():
-    """lambda_sweep.yaml: a grid over variant × grad × λ, each point exactly once with 2 trials in flight."""
+    """lambda_sweep.yaml: a grid over variant × λ, each point exactly once with 2 trials in flight."""
     import itertools
 
     from weakseg.search.run import _sampler
@@ -155,7 +155,7 @@ def test_grid_sampler_visits_every_combination_once_even_concurrently():
     space = load_space(REPO / "search_spaces" / "lambda_sweep.yaml")
     grid = space.grid()
     combos = set(itertools.product(*grid.values()))
-    assert space.settings.samples == len(combos) == 2 * 2 * 5
+    assert space.settings.samples == len(combos) == 2 * 5
     study = optuna.create_study(sampler=_sampler(space), direction="maximize")
     seen, running = [], []
     for _ in range(len(combos)):
@@ -195,3 +195,35 @@ def test_asha_max_t_is_a_trials_full_length(tmp_path: Path):
     assert load_space(write(tmp_path, fifo)).full_iterations == 1000
     with pytest.raises(UserError, match="max_t.*exceeds optim.iterations"):
         load_space(write(tmp_path, text.replace("max_t: 400", "max_t: 2000")))
+
+
+def test_trials_sampling_the_variant_get_its_default_gradient_mode(tmp_path: Path):
+    """base <- fixed <- sampled, as run_trial composes it: `auto` is resolved per trial, not in the base."""
+    from weakseg.config import build_config, mapping_settings
+
+    def trial_grad(space, variant):
+        values = {**space.base_values(), "loss.variant": variant}
+        return build_config(mapping_settings(values, "trial", None)).loss.grad
+
+    space = load_space(write(tmp_path, GOOD))
+    assert space.base_config.loss.grad == "detach" and space.base_values()["loss.grad"] == "auto"
+    assert (trial_grad(space, "exp"), trial_grad(space, "mean")) == ("detach", "both")
+    # a mode named in `fixed` (or the base file) holds for every variant
+    fixed = load_space(write(tmp_path, GOOD.replace("  data.root: ../data\n",
+                                                    "  data.root: ../data\n  loss.grad: both\n")))
+    assert (trial_grad(fixed, "exp"), trial_grad(fixed, "mean")) == ("both", "both")
+
+
+def test_free_energy_with_a_sampled_mean_variant_is_refused_before_the_search(tmp_path: Path):
+    """free_energy is exp's: a space that can pair it with `mean` names the key before anything starts."""
+    fixed = GOOD.replace("  data.root: ../data\n", "  data.root: ../data\n  loss.grad: free_energy\n")
+    with pytest.raises(UserError, match=r"params.loss.variant.*'mean'.*free_energy is the free energy"):
+        load_space(write(tmp_path, fixed))
+    sampled = GOOD.replace("  loss.lam: {uniform: [0.0, 1.0]}\n",
+                           "  loss.lam: {uniform: [0.0, 1.0]}\n  loss.grad: {choice: [detach, free_energy]}\n")
+    with pytest.raises(UserError, match=r"params.loss.grad.*'mean'.*free_energy"):
+        load_space(write(tmp_path, sampled))
+    ok = GOOD.replace("{choice: [exp, mean, none]}", "{choice: [exp, none]}").replace(
+        "  loss.lam: {uniform: [0.0, 1.0]}\n",
+        "  loss.lam: {uniform: [0.0, 1.0]}\n  loss.grad: {choice: [both, free_energy]}\n")
+    assert load_space(write(tmp_path, ok)).params

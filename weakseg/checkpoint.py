@@ -34,7 +34,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     scaler: Any = None,
-    best_miou: float = float("nan"),
+    best_miou: float = float("nan"),  # peak val mIoU so far: information, never the reported score
     metrics: dict[str, float] | None = None,
 ) -> None:
     state = {

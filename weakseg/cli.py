@@ -51,8 +51,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"weakseg train: {cfg.name} -> {run_dir}", flush=True)
     with reporter_context(reporter):
         state = fit(cfg, run_dir, resume_from=resume_from, reporter=reporter)
-    print(f"done: {state.iteration} iterations, best val mIoU {_pct(state.best_miou)}")
-    print(f"checkpoints: {run_dir / 'checkpoints'}  tables and plots: {run_dir / 'eval'}")
+    # The result is the last evaluation, of the model in last.pt; the peak is picked on the same
+    # val images, so it is shown only as labelled information (docs/method.md, "Model selection").
+    print(f"done: {state.iteration} iterations, val mIoU {_pct(state.final_miou)} (last evaluation; "
+          f"peak over evaluations {_pct(state.best_miou)}, picked on val: not a result)")
+    print(f"checkpoint: {run_dir / 'checkpoints' / 'last.pt'}  tables and plots: {run_dir / 'eval'}")
     return 0
 
 
@@ -196,7 +199,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     out = run_search(space, resume=args.resume, address=args.address, check=not args.no_resource_check,
                      restart=args.restart)
     print()
-    print(f"best trial: {out.best_trial or '–'}  {space.settings.metric} = {_pct(out.best_value)}")
+    print(f"best trial: {out.best_trial or '–'}  {space.settings.metric} = {_pct(out.best_value)} "
+          "(its last evaluation; trials ranked by their last evaluation)")
     print(f"results:    {out.results_dir}  (trials.md, best_config.yaml, plots)")
     print(f"MLflow:     experiment {out.experiment!r}, parent run {out.parent_run_id}")
     print(f"MLflow UI:  mlflow ui --backend-store-uri {out.tracking_uri} --host 127.0.0.1 --port 5000"
@@ -345,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export-voc", help="write the PASCAL VOC 2012 evaluation server's submission tarball")
     x.add_argument("checkpoint", nargs="?", help="a weakseg checkpoint (.pt) or Tune checkpoint folder")
-    x.add_argument("--best", metavar="SEARCH", help="the best model of a search: results/<name>/ or its space file")
+    x.add_argument("--best", metavar="SEARCH", help="the model of a search's best trial (its last checkpoint): "
+                   "results/<name>/ or its space file")
     x.add_argument("--mlflow-run", metavar="RUN_ID", help="the checkpoint recorded on an MLflow run")
     x.add_argument("--tracking-uri", help="MLflow tracking URI for --mlflow-run")
     x.add_argument("--data", help="VOC root (default: the checkpoint's data.root)")

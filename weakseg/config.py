@@ -69,12 +69,26 @@ class DataConfig:
     synthetic_seed: int = 0
 
 
+def default_grad(variant: str) -> str:
+    """The gradient mode `loss.grad: auto` stands for: the one each variant's derivation supports.
+
+    exp (eq. 12) comes from the mean-field free energy, whose gradient is the detached
+    KL's; differentiating through p̄ makes uniform p a global minimum (docs/method.md).
+    mean has no such derivation and measures better with the gradient through p̄.
+    """
+    return "both" if variant == "mean" else "detach"
+
+
 @dataclass(frozen=True)
 class LossConfig:
     lam: float = 0.3  # λ of eq. 18; the paper's best `exp` model uses 0.3
     lam_warmup: int = 0  # iterations over which λ ramps linearly from 0 (0: the paper's constant λ)
     variant: Literal["exp", "mean", "none"] = "exp"  # eq. 12, eq. 10, or no neighbourhood loss
-    grad: Literal["both", "detach"] = "both"  # gradient through p̄ or not
+    # How the neighbourhood term is differentiated (docs/method.md, "Gradient modes"):
+    # both: through p and p̄; detach: p̄ is a constant target; free_energy (exp only): the
+    # mean-field free energy, whose gradient is detach's for a symmetric kernel; auto: the
+    # variant's default (exp -> detach, mean -> both), resolved when the config is built.
+    grad: Literal["auto", "both", "detach", "free_energy"] = "auto"
     backend: Literal["auto", "dense", "permutohedral"] = "auto"
     c_bg: float = 0.4  # eq. 7: minimum background coverage
     c_fg: float = 0.2  # eq. 7: minimum coverage of each object class present
@@ -83,6 +97,12 @@ class LossConfig:
     theta_beta: float = 80.0  # position (bilateral), input pixels; divided by the output stride
     w2: float = 3.0
     theta_gamma: float = 3.0  # position (smoothness), input pixels; divided by the output stride
+
+    def __post_init__(self) -> None:
+        # `auto` is resolved when the section is built, so every saved config, checkpoint and
+        # MLflow run names the concrete mode (a search that samples the variant leaves it `auto`).
+        if self.grad == "auto":
+            object.__setattr__(self, "grad", default_grad(self.variant))
 
 
 @dataclass(frozen=True)
@@ -430,6 +450,9 @@ def _validate(cfg: Config) -> None:
         _check(getattr(l, k) > 0, f"loss.{k}", f"must be > 0 (got {getattr(l, k)})")
     for k in ("w1", "w2"):
         _check(getattr(l, k) >= 0, f"loss.{k}", f"must be >= 0 (got {getattr(l, k)})")
+    _check(l.grad != "free_energy" or l.variant in ("exp", "none"), "loss.grad",
+           f"free_energy is the free energy of the exp variant (eq. 12); with loss.variant: {l.variant} "
+           "use both or detach")
     if l.variant != "none" and l.lam > 0:
         _check(l.w1 + l.w2 > 0, "loss.w1", "w1 + w2 must be > 0 when the neighbourhood loss is on")
     _check(o.batch_size >= 1, "optim.batch_size", "must be at least 1")

@@ -32,8 +32,8 @@ class CRFParams:
     They are the values in pydensecrf's README (`addPairwiseGaussian(sxy=3,
     compat=3)`, `addPairwiseBilateral(sxy=80, srgb=13, rgbim=im, compat=10)`,
     `inference(5)`; checked against the README shipped in pydensecrf2 1.1's
-    package metadata) and the kernel defaults of DESIGN.md (w1 = 10, θα = 13,
-    θβ = 80, w2 = 3, θγ = 3). DeepLab tuned others for VOC (e.g. bilateral
+    package metadata) and the neighbourhood loss's kernel defaults (w1 = 10, θα = 13,
+    θβ = 80, w2 = 3, θγ = 3; docs/method.md, section 3). DeepLab tuned others for VOC (e.g. bilateral
     w=4, sxy=121, srgb=5; Gaussian w=3, sxy=3; 10 iterations); set them here
     to reproduce such a protocol. Lengths are in pixels of the image the CRF
     runs at, colours in 0–255.

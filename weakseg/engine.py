@@ -2,10 +2,11 @@
 
 `fit` runs the paper's protocol (§5.3) for one config: an endless, replayable
 stream of batches, SGD with two learning-rate groups and a step schedule,
-evaluation every `train.eval_every` iterations, checkpoints (last and best),
-and a `Reporter` that the CLI (console, MLflow) and the search (Ray Tune)
-plug into. All of a step's work is done before the reporter hears of it, so a
-search that stops a trial at a report loses nothing.
+evaluation every `train.eval_every` iterations, a checkpoint (`last.pt`, the
+one reported: see "Model selection" in docs/method.md), and a `Reporter` that
+the CLI (console, MLflow) and the search (Ray Tune) plug into. All of a step's
+work is done before the reporter hears of it, so a search that stops a trial at
+a report loses nothing.
 """
 
 from __future__ import annotations
@@ -196,8 +197,15 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     iteration: int = 0
+    # peak val mIoU over the evaluations: information only, never the reported result (it is
+    # chosen on the same val images, so it overestimates); the result is `final_miou`
     best_miou: float = float("nan")
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def final_miou(self) -> float:
+        """The reported score: val mIoU of the last evaluation (that of checkpoints/last.pt)."""
+        return float(self.history[-1].get("val/miou", math.nan)) if self.history else math.nan
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
@@ -265,7 +273,8 @@ def fit(
     """Train `cfg` to `optim.iterations`, evaluating and checkpointing into `run_dir`.
 
     run_dir/config.yaml                   the resolved config
-    run_dir/checkpoints/{last,best}.pt    self-describing checkpoints
+    run_dir/checkpoints/last.pt           self-describing checkpoint of the last iteration: the reported
+                                          model (no best-on-val checkpoint is kept: docs/method.md)
     run_dir/metrics.csv                   one row per evaluation
     run_dir/eval/                         per-class table, confusion matrix and overlays of the latest evaluation
     """
@@ -331,12 +340,11 @@ def fit(
     return state
 
 
-def _save_last(state: TrainState, cfg: Config, run_dir: Path, metrics: dict[str, float]) -> dict[str, Any]:
+def _save_last(state: TrainState, cfg: Config, run_dir: Path, metrics: dict[str, float]) -> None:
     """checkpoints/last.pt: everything `--resume` needs to continue exactly from this iteration."""
-    kwargs = dict(cfg=cfg, model=state.model, iteration=state.iteration, optimizer=state.optimizer,
-                  scheduler=state.scheduler, scaler=state.scaler, best_miou=state.best_miou, metrics=metrics)
-    save_checkpoint(run_dir / "checkpoints" / "last.pt", **kwargs)
-    return kwargs
+    save_checkpoint(run_dir / "checkpoints" / "last.pt", cfg=cfg, model=state.model, iteration=state.iteration,
+                    optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
+                    best_miou=state.best_miou, metrics=metrics)
 
 
 class _Window:
@@ -385,12 +393,9 @@ def _evaluate_and_checkpoint(state, cfg, run_dir, val_loader, device, amp, progr
     scalars = result.scalars("val")
     scalars["iteration"] = state.iteration
     miou = result.metrics.miou
-    improved = math.isnan(state.best_miou) or miou > state.best_miou
-    if improved:
+    if math.isnan(state.best_miou) or miou > state.best_miou:
         state.best_miou = miou
-    kwargs = _save_last(state, cfg, run_dir, scalars)
-    if improved:
-        save_checkpoint(run_dir / "checkpoints" / "best.pt", **kwargs)
+    _save_last(state, cfg, run_dir, scalars)
     state.history.append(scalars)
     _write_history(run_dir / "metrics.csv", state.history)
     eval_dir = run_dir / "eval"

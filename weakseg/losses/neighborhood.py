@@ -17,6 +17,11 @@ The loss is eq. 8's divergence averaged over pixels,
 
     L_neighb = mean_i KL(p_i ‖ p̄_i) = mean_i Σ_l p_i(l) (log p_i(l) − log p̄_i(l)).
 
+`neighborhood_loss(grad=...)` picks how that KL is differentiated, or replaces
+it by the mean-field free energy that eq. 12 minimises (paper Prop. 3.1,
+eq. 24); docs/method.md derives the three modes and why `exp` defaults to
+`detach` and `mean` to `both`.
+
 Sign convention: the paper writes L_neighb = −KL (eq. 8) and maximises
 eq. 18, E_q[log p] − λ KL. We return the KL itself (≥ 0) and minimise
 L = L_class + λ·KL, which is the same objective.
@@ -30,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from weakseg.config import default_grad
 from weakseg.losses.filtering import (BACKENDS, compute_dtype, gaussian_filter, grid_positions,
                                       spatial_filter)
 
 VARIANTS = ("mean", "exp")
-GRAD_MODES = ("both", "detach")
+GRAD_MODES = ("detach", "both", "free_energy")
 
 
 def _as_float(value: object) -> float:
@@ -109,48 +115,60 @@ def colours_on_grid(image: Tensor, h: int, w: int, stride: float) -> Tensor:
     return F.interpolate(image, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
 
 
+def _kernel_field(probs: Tensor, image: Tensor, w1: float, theta_alpha: float, theta_beta: float,
+                  w2: float, theta_gamma: float, stride: float, backend: str,
+                  valid: Tensor | None) -> Tensor:
+    """W p with W = w1 k̂1 + w2 k̂2 over valid cells: (B, C, h, w) in float32/float64.
+
+    Arguments already checked; call with autocast off.
+    """
+    B, C, h, w = probs.shape
+    dtype = compute_dtype(probs.dtype)
+    eps = math.sqrt(torch.finfo(dtype).tiny)
+    p = probs.to(dtype)  # (B, C, h, w)
+    if valid is None:
+        mask = p.new_ones(B, 1, h, w)
+    else:
+        # Padding must not leak in: neither its values (which may be anything)
+        # nor its kernel mass in the normalisers.
+        p = torch.where(valid[:, None], p, 0.0)
+        mask = valid[:, None].to(dtype)  # (B, 1, h, w)
+    stack = torch.cat([p, mask], dim=1)  # (B, C+1, h, w): numerator and normaliser in one pass
+
+    # Each kernel is normalised on its own, k̂_m = K_m / (K_m 1), rather than
+    # eq. 10's literal normalisation of the summed kernel w1 k1 + w2 k2: this
+    # keeps both variants built from the same k̂ terms, as the paper's
+    # modified densecrf code would (it normalises each kernel before applying
+    # the Potts weights), and makes w1, w2 mean the same thing in both.
+    z = torch.zeros_like(p)
+    if w1 > 0:
+        # The kernel compares the colours of output cells, each of which
+        # stands for a stride×stride patch of input pixels: antialiased
+        # resizing averages over the patch (a triangle filter as wide as the
+        # scale factor, as PIL does); plain bilinear would read just the 2×2
+        # input pixels under each sample point and alias texture and noise.
+        x = colours_on_grid(image.detach().to(dtype), h, w, stride)  # (B, 3, h, w); no gradient to the image
+        colour = x.flatten(2).transpose(1, 2) / theta_alpha  # (B, N, 3)
+        pos = grid_positions(h, w, p.device, dtype) / (theta_beta / stride)  # (N, 2)
+        features = torch.cat([colour, pos.expand(B, -1, -1)], dim=-1)  # (B, N, 5)
+        values = stack.flatten(2).transpose(1, 2)  # (B, N, C+1)
+        filtered = gaussian_filter(features, values, backend=backend)  # (B, N, C+1)
+        filtered = filtered.transpose(1, 2).reshape(B, C + 1, h, w)
+        z = z + w1 * _normalised_filter(filtered, p, eps)
+    if w2 > 0:
+        filtered = spatial_filter(stack, theta_gamma / stride)  # (B, C+1, h, w)
+        z = z + w2 * _normalised_filter(filtered, p, eps)
+    return z
+
+
 def _neighborhood_logits(probs: Tensor, image: Tensor, variant: str, w1: float,
                          theta_alpha: float, theta_beta: float, w2: float, theta_gamma: float,
                          stride: float, backend: str, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     """(p̄, log p̄), both (B, C, h, w) in float32/float64; arguments already checked."""
-    B, C, h, w = probs.shape
     dtype = compute_dtype(probs.dtype)
-    eps = math.sqrt(torch.finfo(dtype).tiny)
     with torch.autocast(device_type=probs.device.type, enabled=False):
-        p = probs.to(dtype)  # (B, C, h, w)
-        if valid is None:
-            mask = p.new_ones(B, 1, h, w)
-        else:
-            # Padding must not leak in: neither its values (which may be anything)
-            # nor its kernel mass in the normalisers.
-            p = torch.where(valid[:, None], p, 0.0)
-            mask = valid[:, None].to(dtype)  # (B, 1, h, w)
-        stack = torch.cat([p, mask], dim=1)  # (B, C+1, h, w): numerator and normaliser in one pass
-
-        # Each kernel is normalised on its own, k̂_m = K_m / (K_m 1), rather than
-        # eq. 10's literal normalisation of the summed kernel w1 k1 + w2 k2: this
-        # keeps both variants built from the same k̂ terms, as the paper's
-        # modified densecrf code would (it normalises each kernel before applying
-        # the Potts weights), and makes w1, w2 mean the same thing in both.
-        z = torch.zeros_like(p)
-        if w1 > 0:
-            # The kernel compares the colours of output cells, each of which
-            # stands for a stride×stride patch of input pixels: antialiased
-            # resizing averages over the patch (a triangle filter as wide as the
-            # scale factor, as PIL does); plain bilinear would read just the 2×2
-            # input pixels under each sample point and alias texture and noise.
-            x = colours_on_grid(image.detach().to(dtype), h, w, stride)  # (B, 3, h, w); no gradient to the image
-            colour = x.flatten(2).transpose(1, 2) / theta_alpha  # (B, N, 3)
-            pos = grid_positions(h, w, p.device, dtype) / (theta_beta / stride)  # (N, 2)
-            features = torch.cat([colour, pos.expand(B, -1, -1)], dim=-1)  # (B, N, 5)
-            values = stack.flatten(2).transpose(1, 2)  # (B, N, C+1)
-            filtered = gaussian_filter(features, values, backend=backend)  # (B, N, C+1)
-            filtered = filtered.transpose(1, 2).reshape(B, C + 1, h, w)
-            z = z + w1 * _normalised_filter(filtered, p, eps)
-        if w2 > 0:
-            filtered = spatial_filter(stack, theta_gamma / stride)  # (B, C+1, h, w)
-            z = z + w2 * _normalised_filter(filtered, p, eps)
-
+        z = _kernel_field(probs, image, w1, theta_alpha, theta_beta, w2, theta_gamma, stride,
+                          backend, valid)
         if variant == "mean":
             pbar = z / (w1 + w2)
             return pbar, pbar.clamp_min(torch.finfo(dtype).tiny).log()
@@ -184,35 +202,56 @@ def neighborhood_distribution(probs: Tensor, image: Tensor, variant: str = "exp"
 def neighborhood_loss(probs: Tensor, image: Tensor, variant: str = "exp", w1: float = 10.0,
                       theta_alpha: float = 13.0, theta_beta: float = 80.0, w2: float = 3.0,
                       theta_gamma: float = 3.0, stride: float = 4, backend: str = "auto",
-                      grad: str = "both", log_probs: Tensor | None = None,
+                      grad: str = "auto", log_probs: Tensor | None = None,
                       valid: Tensor | None = None) -> Tensor:
-    """mean_i KL(p_i ‖ p̄_i) over batch and valid pixels (eq. 8, to minimise): scalar.
+    """The neighbourhood term to minimise, averaged over batch and valid pixels: scalar.
 
-    grad="both" back-propagates through p̄ as well as p; grad="detach" treats p̄
-    as a constant target. `log_probs` (log-softmax of the same logits) gives an
-    exact log p; otherwise log p is taken from clamped `probs`. `valid`
-    (B, h, w) bool drops padding from the mean and from every neighbourhood.
+    grad="auto" is the variant's default (`weakseg.config.default_grad`).
+    grad="detach" (the `exp` default): mean_i KL(p_i ‖ p̄_i) (eq. 8) with p̄ a
+    constant target; grad="both": the same KL back-propagated through p̄ too
+    (the `mean` default; for `exp` it makes uniform p a global minimum, see
+    docs/method.md); grad="free_energy" (`exp` only): the mean-field free
+    energy mean_i[Σ_l p_i log p_i − ½ p_iᵀ (W_s p)_i], W = w1 k̂1 + w2 k̂2,
+    W_s = (W + Wᵀ)/2, differentiated through both factors; its gradient is
+    log p + 1 − W_s p, detach's gradient when W is symmetric (its value differs
+    from the KL). `log_probs` (log-softmax of the same logits) gives an exact
+    log p; otherwise log p is taken from clamped `probs`. `valid` (B, h, w) bool
+    drops padding from the mean and from every neighbourhood.
     """
+    if grad == "auto":
+        grad = default_grad(variant)
     if grad not in GRAD_MODES:
-        raise ValueError(f"unknown grad mode {grad!r}; expected one of {GRAD_MODES}")
+        raise ValueError(f"unknown grad mode {grad!r}; expected 'auto' or one of {GRAD_MODES}")
     _check_args(probs, image, variant, w1, theta_alpha, theta_beta, w2, theta_gamma, stride,
                 backend, valid)
+    if grad == "free_energy" and variant != "exp":
+        raise ValueError(f"grad 'free_energy' is the free energy of the exp variant (eq. 12), "
+                         f"not of {variant!r}")
     if log_probs is not None and log_probs.shape != probs.shape:
         raise ValueError(f"log_probs must have the shape of probs {tuple(probs.shape)}, "
                          f"got {tuple(log_probs.shape)}")
     dtype = compute_dtype(probs.dtype)
-    source = probs.detach() if grad == "detach" else probs
-    _, log_pbar = _neighborhood_logits(source, image, variant, w1, theta_alpha, theta_beta, w2,
-                                       theta_gamma, stride, backend, valid)
     with torch.autocast(device_type=probs.device.type, enabled=False):
         p = probs.to(dtype)  # (B, C, h, w)
         if log_probs is None:
             log_p = p.clamp_min(torch.finfo(dtype).tiny).log()
         else:
             log_p = log_probs.to(dtype)
+        if grad == "free_energy":
+            # pᵀ W_s p = pᵀ W p for any W, so the quadratic term needs only the forward
+            # filters; autograd's pass through W p supplies the Wᵀ p half of the gradient.
+            z = _kernel_field(probs, image, w1, theta_alpha, theta_beta, w2, theta_gamma,
+                              stride, backend, valid)  # (B, C, h, w), W p over valid cells only
+            second = log_p - 0.5 * z  # per cell: Σ_l p (log p − ½ (W p))
+        else:
+            source = probs.detach() if grad == "detach" else probs
+            _, log_pbar = _neighborhood_logits(source, image, variant, w1, theta_alpha, theta_beta,
+                                               w2, theta_gamma, stride, backend, valid)
+            second = log_p - log_pbar  # per cell: KL(p ‖ p̄) = Σ_l p (log p − log p̄)
         if valid is None:
-            return (p * (log_p - log_pbar)).sum(dim=1).mean()
+            return (p * second).sum(dim=1).mean()
         keep = valid[:, None]  # (B, 1, h, w)
-        # Zero padding before the product so garbage there cannot reach the gradient.
-        kl = (torch.where(keep, p, 0.0) * torch.where(keep, log_p - log_pbar, 0.0)).sum(dim=1)
-        return kl.sum() / valid.sum().clamp_min(1)  # (B, h, w) -> scalar
+        # Zero padding in both factors before the product so garbage there cannot
+        # reach the value or the gradient.
+        per_cell = (torch.where(keep, p, 0.0) * torch.where(keep, second, 0.0)).sum(dim=1)  # (B, h, w)
+        return per_cell.sum() / valid.sum().clamp_min(1)  # scalar

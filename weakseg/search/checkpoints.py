@@ -35,7 +35,7 @@ def resolve_checkpoint(location: str, cache: Path | None = None) -> Path:
 
 
 def best_of_search(location: Path) -> str:
-    """The best checkpoint of a finished search: from results/<name>/ (search.json) or its space file."""
+    """The chosen trial's last checkpoint of a finished search: from results/<name>/ (search.json) or its space file."""
     location = Path(location)
     if location.is_file() and location.suffix in (".yaml", ".yml"):
         from weakseg.search.space import load_space

@@ -1,10 +1,15 @@
-"""The end of a search: a table of all trials, the best config and checkpoint, and plots.
+"""The end of a search: a table of all trials, the chosen config and checkpoint, and plots.
 
-results/<search>/trials.csv, trials.md   every trial, sorted by the metric (best first)
-results/<search>/best_config.yaml        the best trial's full resolved training config
-results/<search>/best_checkpoint.txt     where the best trial's best checkpoint is stored
-results/<search>/metric_vs_lambda.png    the metric against λ per neighbourhood variant (paper Fig. 3)
-results/<search>/best_iou.png            the best trial's per-class IoU
+Every score shown is a trial's LAST evaluation, of the checkpoint it ends with: picking a
+trial's best evaluation on the same val images would report an optimistic number. Trials
+(hyperparameters) are ranked and chosen by that final score on val; the peak over a
+trial's evaluations appears only as a labelled extra column (docs/method.md, "Model selection").
+
+results/<search>/trials.csv, trials.md   every trial, sorted by its final metric (best first)
+results/<search>/best_config.yaml        the chosen trial's full resolved training config
+results/<search>/best_checkpoint.txt     where the chosen trial's last checkpoint is stored
+results/<search>/metric_vs_lambda.png    the final metric against λ per neighbourhood variant (paper Fig. 3)
+results/<search>/best_iou.png            the chosen trial's per-class IoU at its last evaluation
 """
 
 from __future__ import annotations
@@ -31,11 +36,11 @@ class TrialRow:
     trial_id: str
     outcome: str  # completed | stopped_early | failed | diverged | pending
     iterations: int
-    best: float  # best value of the metric over the trial's evaluations (nan: none)
-    last: float
+    final: float  # the metric at the trial's last evaluation: what is ranked and reported (nan: none)
+    peak: float  # best value over its evaluations: information only, chosen on val so optimistic
     params: dict[str, Any]
-    per_class: dict[str, float] = field(default_factory=dict)  # IoU at the best evaluation
-    checkpoint: str = ""  # the trial's best checkpoint (storage path or URI)
+    per_class: dict[str, float] = field(default_factory=dict)  # IoU at the last evaluation
+    checkpoint: str = ""  # the trial's last checkpoint (storage path or URI), the one `final` scores
     error: str = ""
 
 
@@ -52,11 +57,14 @@ def rows_from_results(grid: Any, metric: str, mode: str, full_iterations: int) -
     for r in grid:
         metrics = r.metrics or {}
         df = r.metrics_dataframe
-        best, per_class, iters = math.nan, {}, int(metrics.get("iteration", 0) or 0)
+        final, peak, per_class, iters = math.nan, math.nan, {}, int(metrics.get("iteration", 0) or 0)
         if df is not None and metric in df.columns and df[metric].notna().any():
-            idx = df[metric].idxmax() if mode == "max" else df[metric].idxmin()
-            row = df.loc[idx]
-            best = float(row[metric])
+            scored = df[df[metric].notna()]
+            if "iteration" in scored.columns:
+                scored = scored.sort_values("iteration", kind="stable")
+            row = scored.iloc[-1]  # the last evaluation
+            final = float(row[metric])
+            peak = float(scored[metric].max() if mode == "max" else scored[metric].min())
             per_class = {c: float(row[f"val/iou/{c}"]) for c in VOC_CLASSES if f"val/iou/{c}" in df.columns
                          and not _nan(row[f"val/iou/{c}"])}
             iters = int(df["iteration"].max()) if "iteration" in df.columns else iters
@@ -69,19 +77,14 @@ def rows_from_results(grid: Any, metric: str, mode: str, full_iterations: int) -
         else:
             err = ""
             outcome = "completed" if iters >= full_iterations else ("stopped_early" if iters > 0 else "pending")
-        ckpt = ""
-        try:
-            c = r.get_best_checkpoint(metric, mode) if r.best_checkpoints else r.checkpoint
-            ckpt = c.path if c is not None else ""
-        except Exception:
-            ckpt = r.checkpoint.path if r.checkpoint is not None else ""
+        ckpt = r.checkpoint.path if r.checkpoint is not None else ""  # the latest: the one `final` scores
         rows.append(
             TrialRow(
                 trial_id=str(metrics.get("trial_id") or Path(r.path).name),
                 outcome=outcome,
                 iterations=iters,
-                best=best,
-                last=float(metrics.get(metric, math.nan)) if metrics.get(metric) is not None else math.nan,
+                final=final,
+                peak=peak,
                 params={k: v for k, v in (r.config or {}).items()},
                 per_class=per_class,
                 checkpoint=ckpt,
@@ -99,8 +102,16 @@ def _nan(x: Any) -> bool:
 
 
 def sort_rows(rows: list[TrialRow], mode: str) -> list[TrialRow]:
+    """By final score, best first; trials without one last."""
     sign = -1.0 if mode == "max" else 1.0
-    return sorted(rows, key=lambda r: (math.isnan(r.best), sign * (0.0 if math.isnan(r.best) else r.best), r.trial_id))
+    return sorted(rows, key=lambda r: (math.isnan(r.final), sign * (0.0 if math.isnan(r.final) else r.final),
+                                       r.trial_id))
+
+
+def chosen_trial(rows: list[TrialRow], mode: str) -> TrialRow | None:
+    """The trial a search picks: the best final score among trials that did not fail or diverge."""
+    return next((r for r in sort_rows(rows, mode) if not math.isnan(r.final)
+                 and r.outcome not in ("failed", "diverged")), None)
 
 
 def write_summary(
@@ -112,32 +123,37 @@ def write_summary(
     best_config: Mapping[str, Any] | None,
     title: str,
 ) -> Summary:
-    """Write the tables, the best config and the plots; returns what was written."""
+    """Write the tables, the chosen trial's config and the plots; returns what was written."""
     rows = sort_rows(rows, mode)
-    best = next((r for r in rows if not math.isnan(r.best) and r.outcome not in ("failed", "diverged")), None)
+    best = chosen_trial(rows, mode)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     param_keys = sorted({k for r in rows for k in r.params})
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["rank", "trial_id", "outcome", "iterations", f"best {metric}", f"last {metric}", *param_keys,
-                "checkpoint", "error"])
+    w.writerow(["rank", "trial_id", "outcome", "iterations", f"final {metric}",
+                f"peak {metric} (picked on val, info only)", *param_keys, "checkpoint", "error"])
     for i, r in enumerate(rows, 1):
-        w.writerow([i, r.trial_id, r.outcome, r.iterations, _num(r.best), _num(r.last),
+        w.writerow([i, r.trial_id, r.outcome, r.iterations, _num(r.final), _num(r.peak),
                     *[r.params.get(k, "") for k in param_keys], r.checkpoint, r.error])
     files["trials.csv"] = out / "trials.csv"
     atomic_write_text(files["trials.csv"], buf.getvalue())
 
-    md = [f"# {title}", "", f"{len(rows)} trials, sorted by best `{metric}` ({mode}).", ""]
-    head = ["#", "trial", "outcome", "iters", f"best {metric}", *param_keys]
+    md = [f"# {title}", "",
+          f"{len(rows)} trials, sorted by `{metric}` at each trial's last evaluation ({mode}); the chosen "
+          "trial's last checkpoint is the reported model. The peak column is the best of a trial's "
+          "evaluations, picked on the same val images: information, not a result.", ""]
+    head = ["#", "trial", "outcome", "iters", f"final {metric}", "peak (info)", *param_keys]
     md.append("| " + " | ".join(head) + " |")
     md.append("|" + "|".join(["---"] * len(head)) + "|")
     for i, r in enumerate(rows, 1):
-        cells = [str(i), r.trial_id, r.outcome, str(r.iterations), _pct(r.best), *[_fmt(r.params.get(k, "–")) for k in param_keys]]
+        cells = [str(i), r.trial_id, r.outcome, str(r.iterations), _pct(r.final), _pct(r.peak),
+                 *[_fmt(r.params.get(k, "–")) for k in param_keys]]
         md.append("| " + " | ".join(cells) + " |")
     if best is not None:
-        md += ["", f"Best: trial `{best.trial_id}`, {metric} = {_pct(best.best)}; checkpoint `{best.checkpoint}`."]
+        md += ["", f"Chosen: trial `{best.trial_id}`, final {metric} = {_pct(best.final)}; "
+                   f"last checkpoint `{best.checkpoint}`."]
     failed = [r for r in rows if r.outcome in ("failed", "diverged")]
     if failed:
         md += ["", "Failed trials:", ""] + [f"- `{r.trial_id}` ({r.outcome}): {r.error}" for r in failed]
@@ -185,13 +201,13 @@ def _plot_vs_lambda(rows: list[TrialRow], metric: str, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for g in sorted({group(r) for r in rows}):
-        pts = sorted((float(r.params["loss.lam"]), r.best) for r in rows
-                     if "loss.lam" in r.params and group(r) == g and not math.isnan(r.best))
+        pts = sorted((float(r.params["loss.lam"]), r.final) for r in rows
+                     if "loss.lam" in r.params and group(r) == g and not math.isnan(r.final))
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, [100 * y for y in ys], marker="o", label=g)
     ax.set_xlabel("λ (weight of the neighbourhood loss)")
-    ax.set_ylabel(f"{metric} (%)")
+    ax.set_ylabel(f"{metric} at the last evaluation (%)")
     ax.set_title(f"{metric} against λ (cf. paper Fig. 3)")
     if any(float(r.params.get("loss.lam", 1)) <= 0 for r in rows):
         ax.set_xscale("symlog", linthresh=0.1)

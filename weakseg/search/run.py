@@ -39,7 +39,7 @@ class SearchOutcome:
     experiment: str
     parent_run_id: str
     best_trial: str | None
-    best_value: float
+    best_value: float  # the best trial's metric at its last evaluation
     export_path: Path | None = None
 
 
@@ -274,7 +274,7 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
     print(plan(space), flush=True)
     print(f"MLflow parent run {parent.run_id}", flush=True)
 
-    setup = TrialSetup(base_values=cfg.flat(), metric=s.metric)
+    setup = TrialSetup(base_values=space.base_values(), metric=s.metric)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup),
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
@@ -308,11 +308,10 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
                     name=space.name,
                     storage_path=s.storage_path,
                     failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                    # the best checkpoint by the metric, and (always kept by Ray) the latest for resuming
-                    checkpoint_config=tune.CheckpointConfig(
-                        num_to_keep=2, checkpoint_score_attribute=s.metric, checkpoint_score_order=s.mode
-                    ),
-                    callbacks=[MlflowCallback(parent, cfg.flat(), full)],
+                    # only the latest checkpoint: the one a trial's final score is of (what the search
+                    # reports and exports) and the one a retry resumes from; none is picked on val
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    callbacks=[MlflowCallback(parent, space.base_values(), full)],
                     progress_reporter=tune.CLIReporter(
                         metric_columns={"iteration": "iter", s.metric: s.metric, "train/loss": "loss"},
                         parameter_columns=[p.key for p in space.params],
@@ -380,16 +379,15 @@ def _settings_params(space: SearchSpace) -> dict[str, Any]:
 
 def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float) -> SearchOutcome:
     from weakseg.config import build_config, mapping_settings
-    from weakseg.search.results import rows_from_results, write_summary
+    from weakseg.search.results import chosen_trial, rows_from_results, write_summary
     from weakseg.search.tracking import quiet_mlflow
 
     s = space.settings
     rows = rows_from_results(grid, s.metric, s.mode, space.full_iterations)
     best_cfg = None
-    ranked = [r for r in rows if not math.isnan(r.best) and r.outcome not in ("failed", "diverged")]
-    if ranked:
-        top = max(ranked, key=lambda r: r.best) if s.mode == "max" else min(ranked, key=lambda r: r.best)
-        best_cfg = build_config(mapping_settings({**space.base_config.flat(), **top.params}, "best", None)).to_dict()
+    top = chosen_trial(rows, s.mode)
+    if top is not None:
+        best_cfg = build_config(mapping_settings({**space.base_values(), **top.params}, "best", None)).to_dict()
     summary = write_summary(rows, space.results_dir, metric=s.metric, mode=s.mode, best_config=best_cfg,
                             title=f"Search `{space.name}`")
     timing = {"search_seconds": seconds, "trials": len(rows)}
@@ -399,14 +397,18 @@ def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float) -> Searc
         "name": space.name, "space": str(space.path), "tracking_uri": space.tracking_uri,
         "experiment": space.experiment, "parent_run_id": parent.run_id, "storage": f"{s.storage_path}/{space.name}",
         "best_trial": summary.best.trial_id if summary.best else None,
-        "best_value": summary.best.best if summary.best else None,
+        # the chosen trial's last evaluation and last checkpoint (trials ranked by their final score)
+        "best_value": summary.best.final if summary.best else None,
         "best_checkpoint": summary.best.checkpoint if summary.best else None,
+        "selection": "trials ranked by the metric at their last evaluation; the reported model is the "
+                     "chosen trial's last checkpoint",
         **timing,
     }, indent=2) + "\n")
     best = summary.best
     metrics = {}
     if best is not None:
-        metrics = {f"best/{s.metric}": best.best, **{f"best/val/iou/{c}": v for c, v in best.per_class.items()}}
+        # the chosen trial's last evaluation: the score of the checkpoint the search reports and exports
+        metrics = {f"final/{s.metric}": best.final, **{f"final/val/iou/{c}": v for c, v in best.per_class.items()}}
     metrics["trials"] = float(len(rows))
     metrics["trials_failed"] = float(sum(r.outcome in ("failed", "diverged") for r in rows))
     with quiet_mlflow():
@@ -429,7 +431,7 @@ def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float) -> Searc
                                  split=split, crf=crf, force=True)
         print(upload_instructions(export_path, _count_ids(export_path), split))
     return SearchOutcome(space.results_dir, space.tracking_uri, space.experiment, parent.run_id,
-                         best.trial_id if best else None, best.best if best else math.nan, export_path)
+                         best.trial_id if best else None, best.final if best else math.nan, export_path)
 
 
 def _count_ids(archive: Path) -> int:

@@ -168,6 +168,18 @@ class SearchSpace:
             out[k] = Setting(v, f"{self.path} (sampled {k})", None)
         return out
 
+    def base_values(self) -> dict[str, Any]:
+        """The flat resolved base config (base file <- fixed) that every trial's sample is laid over.
+
+        `loss.grad` stays `auto` unless the base or `fixed` names a mode, so a trial that
+        samples `loss.variant` gets that variant's default gradient mode, not the base's.
+        """
+        values = self.base_config.flat()
+        grad = self.trial_settings({}).get("loss.grad")
+        if grad is None or grad.value == "auto":
+            values["loss.grad"] = "auto"
+        return values
+
     def trial_config(self, sampled: Mapping[str, Any]) -> Config:
         return build_config(self.trial_settings(sampled))
 
@@ -518,5 +530,17 @@ def _check_configs(space: SearchSpace, loc: _Loc) -> Config:
             except ConfigError as e:
                 msg = str(e).split(": ", 2)[-1]
                 raise loc.error(f"params.{p.key}", f"value {value!r} is invalid: {msg}") from None
+    # loss.grad's validity depends on loss.variant (free_energy is exp's): try every pair sampled
+    choice = {p.key: list(p.values) for p in space.params if p.kind == "choice"}
+    if {"loss.variant", "loss.grad"} & set(choice):
+        for variant in choice.get("loss.variant", [cfg.loss.variant]):
+            for grad in choice.get("loss.grad", [None]):
+                sampled = {"loss.variant": variant, **({"loss.grad": grad} if grad is not None else {})}
+                try:
+                    build_config(space.trial_settings(sampled))
+                except ConfigError as e:
+                    msg = str(e).split(": ", 2)[-1]
+                    raise loc.error("params.loss.grad" if grad is not None else "params.loss.variant",
+                                    f"{sampled} is invalid: {msg}") from None
     return cfg
 

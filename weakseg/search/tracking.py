@@ -34,7 +34,7 @@ TAG_ROLE = "weakseg.role"  # "search" | "trial" | "abandoned" | "train" | "evalu
 TAG_TRIAL = "weakseg.trial_id"
 TAG_OUTCOME = "weakseg.outcome"  # completed | stopped_early | failed | diverged
 TAG_ERROR = "weakseg.error"
-TAG_CHECKPOINT = "weakseg.checkpoint"  # a trial's best checkpoint; on the parent, the search's best
+TAG_CHECKPOINT = "weakseg.checkpoint"  # a trial's last checkpoint; on the parent, the chosen trial's
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 
@@ -257,7 +257,7 @@ class SearchRun:
         return run.info.run_id
 
     def tag_checkpoints(self, by_trial: Mapping[str, str], best: str | None) -> None:
-        """Record where each trial's best checkpoint is (for `export-voc --mlflow-run`)."""
+        """Record each trial's last checkpoint, and the chosen trial's on the parent (`export-voc --mlflow-run`)."""
         client = _client(self.uri)
         for trial_id, run in self.children().items():
             if trial_id in by_trial:
@@ -279,7 +279,7 @@ class SearchRun:
 
 
 def checkpoint_of_run(uri: str, run_id: str) -> str:
-    """The checkpoint recorded on an MLflow run: a trial's best, or a search's best on its parent run."""
+    """The checkpoint recorded on an MLflow run: a trial's last, or the chosen trial's last on a search's parent run."""
     check_reachable(uri)
     client = _client(uri)
     try:

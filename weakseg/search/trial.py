@@ -38,7 +38,7 @@ EVAL_FILES = ("classes.md", "classes.csv", "confusion.png", "overlays.png")
 class TrialSetup:
     """What every trial needs besides its sampled parameters; plain data, cheap to ship to workers."""
 
-    base_values: Mapping[str, Any]  # flat resolved training config (base + fixed), absolute paths
+    base_values: Mapping[str, Any]  # SearchSpace.base_values(): flat base + fixed, absolute paths
     metric: str
 
 
