@@ -241,6 +241,10 @@ class SearchRun:
         self.run_id = ""
         self.monitor = None  # MLflow's system metrics of the driver's node, on the parent run
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Ray pickles the callback holding this with the experiment state: not the sampler thread."""
+        return {**self.__dict__, "monitor": None}
+
     def start(self, resume: bool, params: Mapping[str, Any], space_file: Path, code_version: str,
               data: Any = None) -> str:
         """Create (or, resuming, reopen) the parent run; `data`: the base config's DataFingerprint."""
