@@ -111,6 +111,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from weakseg.engine import amp_dtype, evaluate, resolve_device
     from weakseg.report import class_table, plot_confusion, plot_iou_bars, save_overlays, write_class_table
 
+    crf = _crf_params(args) if args.crf else None  # first: a missing extra fails before anything is loaded
     device = resolve_device(args.device)
     ckpt = _model_checkpoint(args.checkpoint, args.tracking_uri) or Path(args.checkpoint)
     model, cfg, _ = load_model(ckpt, device)
@@ -118,7 +119,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ds = build.eval_dataset(cfg, split=args.split, root=root)
     ds = build.limit(ds, args.limit)
     loader = build.eval_loader(ds, build.LoaderOptions(workers=args.workers, pin_memory=device.type == "cuda"))
-    crf = _crf_params(args) if args.crf else None
     result = evaluate(
         model, loader, device, cfg.model.num_classes, amp=amp_dtype(cfg, device), crf=crf,
         crf_workers=args.crf_workers, overlays=args.overlays, progress=sys.stderr.isatty(),
@@ -178,8 +178,9 @@ def _model_checkpoint(source: str, tracking_uri: str | None) -> Path | None:
 def _crf_params(args: argparse.Namespace):
     import dataclasses
 
-    from weakseg.crf import CRFParams
+    from weakseg.crf import CRFParams, _densecrf
 
+    _densecrf()  # pydensecrf2 (the crf extra) is installed
     params = CRFParams()
     changes = {}
     for item in args.crf_set or []:
@@ -229,6 +230,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_export_voc(args: argparse.Namespace) -> int:
     from weakseg.export import export_voc, upload_instructions
 
+    crf = _crf_params(args) if args.crf else None
     sources = [x for x in (args.checkpoint, args.best, args.mlflow_run) if x]
     if len(sources) != 1:
         raise UserError("give exactly one source: CHECKPOINT, --best SEARCH or --mlflow-run RUN_ID")
@@ -253,7 +255,6 @@ def cmd_export_voc(args: argparse.Namespace) -> int:
 
         ckpt = resolve_checkpoint(location)
     out = Path(args.out) if args.out else Path(f"voc2012_{args.split}_{time.strftime('%Y%m%d-%H%M%S')}.tar.gz")
-    crf = _crf_params(args) if args.crf else None
     path = export_voc(
         ckpt, out.resolve(), data_root=Path(args.data).resolve() if args.data else None, split=args.split, crf=crf,
         crf_workers=args.crf_workers, device=args.device, force=args.force, workers=args.workers,
