@@ -58,7 +58,8 @@ def test_a_resumed_training_run_reattaches_unless_its_mlflow_run_was_deleted(tmp
     assert TrainRunReporter(cfg, tmp_path / "other").run_id not in (first.run_id, third.run_id)
 
 
-def test_weakseg_train_logs_its_last_checkpoint_as_a_model_with_lineage(tmp_path: Path, tiny_overrides):
+def test_weakseg_train_logs_its_last_checkpoint_as_a_model_with_lineage(tmp_path: Path, tiny_overrides,
+                                                                         synth_root: Path, capsys):
     import mlflow
     import numpy as np
     import torch
@@ -111,3 +112,18 @@ def test_the_dataset_digest_follows_the_split_files(tmp_path: Path, synth_root: 
     ids = split.read_text().split()
     split.write_text("\n".join(ids[:-1]) + "\n")  # one id fewer in the split list
     assert fingerprint(cfg).digest != before.digest
+
+    # registered and promoted, it is a source for export-voc (an alias) and a clear error when it isn't there
+    import tarfile
+
+    client.create_registered_model("m")
+    version = client.create_model_version("m", logged.model_uri, run.info.run_id)
+    client.set_registered_model_alias("m", "champion", version.version)
+    out = tmp_path / "voc.tar.gz"
+    assert main(["export-voc", "models:/m@champion", "--tracking-uri", uri, "--split", "test", "--out", str(out),
+                 "--workers", "0"]) == 0
+    test_ids = (synth_root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "test.txt").read_text().split()
+    with tarfile.open(out) as tar:
+        assert sorted(Path(m.name).stem for m in tar.getmembers() if m.name.endswith(".png")) == sorted(test_ids)
+    assert main(["evaluate", "models:/m/7", "--tracking-uri", uri]) == 2
+    assert "models:/m/7: cannot load it from" in capsys.readouterr().err
