@@ -298,6 +298,7 @@ def test_the_registered_model_loads_by_alias_in_a_fresh_process_without_the_ray_
     assert version.tags["weakseg.search_run_id"] == parents[0].info.run_id
     assert version.tags["weakseg.trial_id"] == trial and version.tags["weakseg.checkpoint"] == str(ckpt.parent)
     assert version.tags["weakseg.search"] == str(folder / "results" / "ray" / "served")
+    assert f"selected trial ({trial}," in version.description
     client.set_registered_model_alias("served", "champion", version.version)  # "promote" (README)
 
     # the oracle: the checkpoint itself, read from the Ray storage folder in this process

@@ -90,7 +90,7 @@ def _requirements() -> list[str]:
 
 
 def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, register_as: str | None = None,
-                         tags: Mapping[str, str] | None = None) -> str:
+                         tags: Mapping[str, str] | None = None, description: str = "") -> str:
     """Log `checkpoint` as the run's model (and register it under `register_as`, tagged with `tags`).
     Returns models:/NAME/VERSION when registered, else the logged model's models:/ID URI."""
     from weakseg.checkpoint import load_model, save_checkpoint
@@ -116,6 +116,8 @@ def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, register_as: s
     client = mlflow.MlflowClient(tracking_uri=uri)
     for k, v in (tags or {}).items():
         retry(lambda: client.set_model_version_tag(register_as, version, k, v), "tagging the model version")
+    if description:
+        retry(lambda: client.update_model_version(register_as, version, description), "describing the model version")
     return f"models:/{register_as}/{version}"
 
 

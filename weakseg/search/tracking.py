@@ -1,4 +1,5 @@
-"""All of weakseg's MLflow calls: one experiment per search, a parent run per search, a child run per trial.
+"""All of weakseg's MLflow calls: one experiment per search, a parent run per search, a child run per trial
+(logging and loading models: `weakseg.search.models`).
 
 Every MLflow call of a search happens on the driver, in a Ray Tune callback
 (`weakseg.search.callbacks.MlflowCallback`): trials report to Tune only, with their metrics and a
@@ -376,7 +377,9 @@ class SearchRun:
         run = self.children()[trial_id]
         tags = {TAG_SEARCH: self.search_key, "weakseg.search_run_id": self.run_id, TAG_TRIAL: trial_id,
                 "weakseg.trial_run_id": run.info.run_id, TAG_CHECKPOINT: location}
-        uri = log_checkpoint_model(self.uri, run.info.run_id, checkpoint, register_as, tags)
+        uri = log_checkpoint_model(self.uri, run.info.run_id, checkpoint, register_as, tags,
+                                   f"The selected trial ({trial_id}, run {run.info.run_name}) of the search "
+                                   f"{self.search_key}: checkpoint {location}")
         retry(lambda: _client(self.uri).set_tag(self.run_id, TAG_MODEL, uri), "tagging the search run")
         return uri
 
