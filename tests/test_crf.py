@@ -113,3 +113,15 @@ def test_missing_pydensecrf_says_how_to_install(monkeypatch):
         refine(image, probs)
     with pytest.raises(UserError, match="pip install pydensecrf2"):
         refine_many([(image, probs)], workers=2)  # eagerly, before any worker starts
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "export-voc"])
+def test_crf_flag_without_the_extra_names_it_before_loading_anything(monkeypatch, capsys, tmp_path, verb):
+    from weakseg.cli import main
+
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    # the checkpoint does not exist either: the missing extra is what the user hears about first
+    assert main([verb, str(tmp_path / "missing.pt"), "--crf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'weakseg[crf]'" in err and "--crf" in err, err

@@ -4,9 +4,12 @@ A tracking server (the venv's `mlflow` binary, SQLite backend, artifacts served 
 started on 127.0.0.1 at a free port; a small `weakseg search` logs to it over HTTP; the runs, params,
 metrics and artifacts are read back through `MlflowClient` and compared with records weakseg does not
 write to MLflow itself (Ray Tune's per-trial result.json and the persisted checkpoint folders). Then
-headless Chromium renders the experiment's runs table and the run-comparison page; the rendered DOM
-must show the trial runs. The screenshots are saved next to the test's temporary files, and into
-results/ (mlflow_experiment.png, mlflow_compare.png, committed) when WEAKSEG_RECORD=1 is set, so that an
+headless Chromium renders the experiment's runs table, the run-comparison page and the Model Registry's
+pages of the registered model; the rendered DOM must show the trial runs and the version with its source
+run. The search's selected model is also loaded by models:/ URI in a fresh process with the Ray storage
+folder gone, and must predict what the checkpoint predicts. The screenshots are saved in results/ui_check/,
+and into results/ (mlflow_experiment.png, mlflow_compare.png, mlflow_model.png,
+mlflow_registered_model.png, committed) when WEAKSEG_RECORD=1 is set, so that an
 ordinary `make test` leaves the working tree clean. Chromium comes from scripts/ensure_chromium.sh (`make test` runs it first); without
 it the browser test skips, saying so.
 """
@@ -14,6 +17,7 @@ it the browser test skips, saying so.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -25,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -40,6 +45,7 @@ CHROMIUM = Path(os.environ.get("WEAKSEG_CHROMIUM", "/usr/bin/chromium"))
 LAMS = [0.2, 0.6]
 ITERATIONS = 8  # long enough for a non-zero mIoU on the screenshots
 EVAL_EVERY = 4
+GIT_HEAD = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -186,15 +192,26 @@ def test_search_runs_params_metrics_and_artifacts_on_a_real_server(server: Serve
         assert c.info.status == "FINISHED" and c.data.tags["weakseg.outcome"] == "completed"
         assert c.data.params["optim.iterations"] == str(ITERATIONS) and c.data.params["model.backbone"] == "tiny"
         rows = by_trial[c.data.tags["weakseg.trial_id"]]
+        assert {row["iteration"] for row in rows} == set(range(EVAL_EVERY, ITERATIONS + 1, EVAL_EVERY))
         for cls in VOC_CLASSES:
             key = f"val/iou/{cls}"
             history = {m.step: m.value for m in client.get_metric_history(c.info.run_id, key)}
-            ray = {row["iteration"]: row[key] for row in rows}
-            assert history.keys() == ray.keys() == set(range(EVAL_EVERY, ITERATIONS + 1, EVAL_EVERY))
-            for step, v in ray.items():  # NaN (class absent from prediction and truth) survives the round trip
-                assert history[step] == pytest.approx(v, nan_ok=True)
+            # a NaN IoU (class absent from prediction and truth) is not logged: the step is missing instead
+            assert history == pytest.approx({row["iteration"]: row[key] for row in rows if not math.isnan(row[key])})
+        absent = [cls for cls in VOC_CLASSES if math.isnan(rows[-1][f"val/iou/{cls}"])]
+        assert absent and c.data.tags["weakseg.absent_classes"] == ",".join(absent)
         miou = {m.step: m.value for m in client.get_metric_history(c.info.run_id, "val/miou")}
         assert miou == pytest.approx({row["iteration"]: row["val/miou"] for row in rows})
+        for key in ("val/miou", "val/boundary_iou"):  # one value per run, what the runs table sorts by
+            assert c.data.metrics[f"final/{key}"] == pytest.approx(rows[-1][key])
+            assert c.data.metrics[f"best/{key}"] == pytest.approx(max(row[key] for row in rows))
+
+        # lineage: the code (checked against git itself) and the data set, with its digest
+        assert c.data.tags["mlflow.source.git.commit"] == GIT_HEAD
+        assert c.data.tags["weakseg.git_dirty"] in ("true", "false")
+        (data,) = c.inputs.dataset_inputs
+        assert data.dataset.name == "synthetic:train+val" and len(data.dataset.digest) == 16
+        assert json.loads(data.dataset.profile)["images"] == {"train": 16, "val": 6}
 
         # artifacts: downloaded through the server, byte-identical to the trial's last checkpoint folder
         trial_dir = next((folder / "results" / "ray" / "served").glob(f"run_trial_{c.data.tags['weakseg.trial_id']}_*"))
@@ -210,6 +227,108 @@ def test_search_runs_params_metrics_and_artifacts_on_a_real_server(server: Serve
     assert got.read_bytes() == space.read_bytes()
     got = Path(client.download_artifacts(parent.info.run_id, "summary/trials.md", str(tmp_path)))
     assert got.read_text() == (folder / "results" / "served" / "trials.md").read_text()
+
+
+def test_parent_run_has_lineage_and_the_driver_nodes_system_metrics(server: Server, search):
+    client, exp, parents, children = runs(server.url)
+    parent = parents[0]
+    assert parent.data.tags["mlflow.source.git.commit"] == GIT_HEAD
+    assert [i.dataset.digest for i in parent.inputs.dataset_inputs] == [children[0].inputs.dataset_inputs[0].dataset.digest]
+    assert any(k.startswith("system/cpu_utilization") for k in parent.data.metrics), sorted(parent.data.metrics)
+
+
+def trials_md_order(folder: Path) -> list[str]:
+    """Trial ids in the order of trials.md's table (its ranking)."""
+    lines = (folder / "results" / "served" / "trials.md").read_text().splitlines()
+    return [l.split("|")[2].strip() for l in lines if l.startswith("| ") and l.split("|")[1].strip().isdigit()]
+
+
+def test_sorting_the_runs_table_by_final_val_miou_gives_the_order_of_trials_md(server: Server, search):
+    folder, _, _ = search
+    client, exp, parents, children = runs(server.url)
+    # what the UI does when the user sorts the runs table by the column final/val/miou
+    ordered = client.search_runs([exp.experiment_id], filter_string="tags.`weakseg.role` = 'trial'",
+                                 order_by=["metrics.`final/val/miou` DESC", "tags.`weakseg.trial_id` ASC"])
+    by_ray = sorted(ray_results(folder).items(), key=lambda kv: (-kv[1][-1]["val/miou"], kv[0]))
+    assert [r.data.tags["weakseg.trial_id"] for r in ordered] == [t for t, _ in by_ray] == trials_md_order(folder)
+
+
+def selected(folder: Path) -> tuple[str, Path]:
+    """The search's selected trial and checkpoint, from its own summary (search.json)."""
+    info = json.loads((folder / "results" / "served" / "search.json").read_text())
+    return info["best_trial"], Path(info["best_checkpoint"]) / "checkpoint.pt"
+
+
+def val_batch(synth_root: Path) -> np.ndarray:
+    """Two val images cropped to a common size: a (2, H, W, 3) uint8 batch."""
+    from weakseg.data.voc import read_image
+
+    ids = (synth_root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:2]
+    ims = [read_image(synth_root / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{i}.jpg").permute(1, 2, 0).numpy()
+           for i in ids]
+    h, w = min(i.shape[0] for i in ims), min(i.shape[1] for i in ims)
+    return np.stack([i[:h, :w] for i in ims])
+
+
+FRESH = """
+import sys, numpy as np, mlflow
+model = mlflow.pyfunc.load_model(sys.argv[1])
+np.save(sys.argv[3], model.predict(np.load(sys.argv[2])))
+assert "ray" not in sys.modules, "loading a weakseg model imported Ray"
+print(model.metadata.signature.inputs.to_json())
+"""
+
+
+def test_the_registered_model_loads_by_alias_in_a_fresh_process_without_the_ray_storage(
+        server: Server, search, synth_root: Path, tmp_path: Path):
+    import torch
+
+    from weakseg.checkpoint import load_model
+    from weakseg.cli import main
+    from weakseg.engine import predict_probs
+
+    folder, _, r = search
+    client, exp, parents, children = runs(server.url)
+    trial, ckpt = selected(folder)
+    (version,) = client.search_model_versions("name = 'served'")  # settings.mlflow.register_as defaults to the name
+    assert parents[0].data.tags["weakseg.model_uri"] == f"models:/served/{version.version}"
+    assert f"MLflow model: models:/served/{version.version} (trial {trial})" in r.stdout
+    run_of = {c.data.tags["weakseg.trial_id"]: c.info.run_id for c in children}
+    assert version.run_id == run_of[trial]  # the model is the selected trial's, and links back to it
+    assert version.tags["weakseg.search_run_id"] == parents[0].info.run_id
+    assert version.tags["weakseg.trial_id"] == trial and version.tags["weakseg.checkpoint"] == str(ckpt.parent)
+    assert version.tags["weakseg.search"] == str(folder / "results" / "ray" / "served")
+    assert f"selected trial ({trial}," in version.description
+    client.set_registered_model_alias("served", "champion", version.version)  # "promote" (README)
+
+    # the oracle: the checkpoint itself, read from the Ray storage folder in this process
+    images = val_batch(synth_root)
+    model, _, _ = load_model(ckpt, "cpu")
+    want = predict_probs(model, torch.from_numpy(images).permute(0, 3, 1, 2)).argmax(dim=1).numpy()
+    np.save(tmp_path / "images.npy", images)
+    main(["evaluate", str(ckpt), "--limit", "3", "--workers", "0", "--overlays", "0", "--out", str(tmp_path / "ckpt")])
+
+    storage = folder / "results" / "ray"
+    hidden = storage.with_name("ray-hidden")
+    storage.rename(hidden)  # no Ray storage from here on
+    try:
+        env = {**os.environ, **QUIET, "MLFLOW_TRACKING_URI": server.url, "HOME": str(tmp_path)}
+        fresh = subprocess.run([sys.executable, "-c", FRESH, "models:/served@champion", str(tmp_path / "images.npy"),
+                                str(tmp_path / "got.npy")], capture_output=True, text=True, timeout=300,
+                               env=env, cwd=tmp_path)
+        assert fresh.returncode == 0, fresh.stderr[-3000:]
+        ev = subprocess.run([sys.executable, "-m", "weakseg", "evaluate", f"models:/served/{version.version}",
+                             "--limit", "3", "--workers", "0", "--overlays", "0", "--out", str(tmp_path / "model")],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert ev.returncode == 0, ev.stderr[-3000:]
+    finally:
+        hidden.rename(storage)
+    got = np.load(tmp_path / "got.npy")
+    assert got.shape == images.shape[:3] and got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)
+    assert '"uint8"' in fresh.stdout and "[-1, -1, -1, 3]" in fresh.stdout  # the signature
+    assert json.loads((tmp_path / "model" / "metrics.json").read_text()) == \
+        pytest.approx(json.loads((tmp_path / "ckpt" / "metrics.json").read_text()), nan_ok=True)
 
 
 # ------------------------------------------------------------------------------------- the browser
@@ -253,8 +372,8 @@ def test_mlflow_ui_shows_the_trial_runs(server: Server, search, tmp_path: Path):
     # every run leaves its screenshots in results/ui_check/ (ignored by git); WEAKSEG_RECORD=1 refreshes
     # the committed results/mlflow_*.png
     shots = REPO / "results" if os.environ.get("WEAKSEG_RECORD") == "1" else REPO / "results" / "ui_check"
-    # the runs table sorted by val/miou: MLflow 3 lists child runs flat then (nested under the parent otherwise)
-    order = urllib.parse.quote("metrics.`val/miou`")
+    # the runs table sorted by final/val/miou (trials.md's ranking): MLflow 3 lists child runs flat then
+    order = urllib.parse.quote("metrics.`final/val/miou`")
     dom = render(f"{server.url}/#/experiments/{exp.experiment_id}/runs?orderByKey={order}&orderByAsc=false",
                  shots / "mlflow_experiment.png", tmp_path)
     for n in names + [parents[0].info.run_name]:
@@ -268,3 +387,11 @@ def test_mlflow_ui_shows_the_trial_runs(server: Server, search, tmp_path: Path):
     for n in names:
         assert n in dom, f"{n} not on the comparison page"
     assert "loss.lam" in dom and "val/miou" in dom and "val/iou/background" in dom
+
+    # the Model Registry: the registered model's page and its version, linked to the selected trial's run
+    (version,) = client.search_model_versions("name = 'served'")
+    dom = render(f"{server.url}/#/models/served/versions/{version.version}", shots / "mlflow_model.png", tmp_path)
+    run_name = client.get_run(version.run_id).info.run_name
+    assert f"Version {version.version}" in dom and run_name in dom, "the model version page lacks its source run"
+    dom = render(f"{server.url}/#/models/served", shots / "mlflow_registered_model.png", tmp_path)
+    assert "served" in dom and f"Version {version.version}" in dom

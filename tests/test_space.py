@@ -46,6 +46,7 @@ def test_good_space_parses_with_resolved_paths(tmp_path: Path):
     assert space.settings.resources.gpu == 0.5 and space.settings.scheduler.max_t == 400
     assert Path(space.settings.storage_path) == (tmp_path / "results" / "ray")
     assert space.tracking_uri == f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+    assert space.register_as == space.name  # the Model Registry name defaults to the search's
 
 
 def test_conditional_parameters_follow_when(tmp_path: Path):
@@ -106,6 +107,7 @@ def test_conditional_parameters_follow_when(tmp_path: Path):
         ("base: demo", "base: nosuch", r"space.yaml:2: base:"),
         ("name: t", "name: t\nextra: 1", r"space.yaml:2: extra: unknown key"),
         ("settings:", "settings:\n  metric: val/accuracy", r"settings.metric: must be one of"),
+        ("settings:", "settings:\n  mlflow: {register_as: 'a/b'}", r"settings.mlflow.register_as: must be a model name"),
     ],
 )
 def test_bad_spaces_name_line_and_key(tmp_path: Path, old: str, new: str, pattern: str):

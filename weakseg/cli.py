@@ -114,20 +114,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from weakseg.engine import amp_dtype, evaluate, resolve_device
     from weakseg.report import class_table, plot_confusion, plot_iou_bars, save_overlays, write_class_table
 
+    crf = _crf_params(args) if args.crf else None  # first: a missing extra fails before anything is loaded
     device = resolve_device(args.device)
-    ckpt = Path(args.checkpoint)
+    ckpt = _model_checkpoint(args.checkpoint, args.tracking_uri) or Path(args.checkpoint)
     model, cfg, _ = load_model(ckpt, device)
     root = Path(args.data).resolve() if args.data else None
     ds = build.eval_dataset(cfg, split=args.split, root=root)
     ds = build.limit(ds, args.limit)
     loader = build.eval_loader(ds, build.LoaderOptions(workers=args.workers, pin_memory=device.type == "cuda"))
-    crf = _crf_params(args) if args.crf else None
     result = evaluate(
         model, loader, device, cfg.model.num_classes, amp=amp_dtype(cfg, device), crf=crf,
         crf_workers=args.crf_workers, overlays=args.overlays, progress=sys.stderr.isatty(),
     )
     tag = f"eval-{args.split}" + ("-crf" if crf else "")
-    out = Path(args.out).resolve() if args.out else ckpt.resolve().parent.parent / tag
+    if args.out:
+        out = Path(args.out).resolve()
+    elif args.checkpoint.startswith(MODELS):  # not the download's temporary folder
+        out = Path("runs").resolve() / args.checkpoint[len(MODELS):].replace("/", "-").replace("@", "-") / tag
+    else:
+        out = ckpt.resolve().parent.parent / tag
     names = list(VOC_CLASSES[: cfg.model.num_classes])
     reference = None
     if cfg.data.dataset != "synthetic" and args.split == "val":
@@ -148,7 +153,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from weakseg.search.tracking import log_evaluation, quiet_mlflow
 
         files = {n: out / n for n in ("classes.md", "classes.csv", "confusion.png", "iou.png", "overlays.png")}
-        params = {**cfg.flat(), "checkpoint": str(ckpt.resolve()), "split": args.split, "crf": bool(crf)}
+        params = {**cfg.flat(), "checkpoint": args.checkpoint if args.checkpoint.startswith(MODELS)
+                  else str(ckpt.resolve()), "split": args.split, "crf": bool(crf)}
         with quiet_mlflow():
             run_id = log_evaluation(uri, args.experiment or cfg.tracking.experiment or cfg.name, tag, params,
                                     scalars, files)
@@ -158,11 +164,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+MODELS = "models:/"
+
+
+def _model_checkpoint(source: str, tracking_uri: str | None) -> Path | None:
+    """The checkpoint inside an MLflow model (models:/NAME/VERSION, models:/NAME@ALIAS); None for other sources."""
+    if not source.startswith(MODELS):
+        return None
+    from weakseg.search.models import checkpoint_of_model
+    from weakseg.search.tracking import quiet_mlflow
+
+    with quiet_mlflow():
+        return checkpoint_of_model(source, tracking_uri)
+
+
 def _crf_params(args: argparse.Namespace):
     import dataclasses
 
-    from weakseg.crf import CRFParams
+    from weakseg.crf import CRFParams, _densecrf
 
+    _densecrf()  # pydensecrf2 (the crf extra) is installed
     params = CRFParams()
     changes = {}
     for item in args.crf_set or []:
@@ -213,10 +234,13 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_export_voc(args: argparse.Namespace) -> int:
     from weakseg.export import export_voc, upload_instructions
 
+    crf = _crf_params(args) if args.crf else None
     sources = [x for x in (args.checkpoint, args.best, args.mlflow_run) if x]
     if len(sources) != 1:
         raise UserError("give exactly one source: CHECKPOINT, --best SEARCH or --mlflow-run RUN_ID")
-    if args.checkpoint:
+    if args.checkpoint and args.checkpoint.startswith(MODELS):
+        location = str(_model_checkpoint(args.checkpoint, args.tracking_uri))
+    elif args.checkpoint:
         location = args.checkpoint
     elif args.best:
         from weakseg.search.checkpoints import best_of_search
@@ -235,7 +259,6 @@ def cmd_export_voc(args: argparse.Namespace) -> int:
 
         ckpt = resolve_checkpoint(location)
     out = Path(args.out) if args.out else Path(f"voc2012_{args.split}_{time.strftime('%Y%m%d-%H%M%S')}.tar.gz")
-    crf = _crf_params(args) if args.crf else None
     path = export_voc(
         ckpt, out.resolve(), data_root=Path(args.data).resolve() if args.data else None, split=args.split, crf=crf,
         crf_workers=args.crf_workers, device=args.device, force=args.force, workers=args.workers,
@@ -305,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Weakly supervised semantic segmentation from image-level labels "
         "(Pandey & Dukkipati) with Ray Tune + Optuna + MLflow hyperparameter search.",
     )
+    from weakseg import __version__
+
+    p.add_argument("--version", action="version", version=f"weakseg {__version__}")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     t = sub.add_parser("train", help="train one model from a config (name or YAML path)")
@@ -316,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="mIoU, per-class IoU and boundary quality of a checkpoint")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help="a weakseg checkpoint (.pt), or an MLflow model: models:/NAME/VERSION, "
+                   "models:/NAME@ALIAS (with --tracking-uri or MLFLOW_TRACKING_URI)")
     e.add_argument("--data", help="VOC root (default: the checkpoint's data.root)")
     e.add_argument("--split", default="val")
     e.add_argument("--crf", action="store_true", help="dense-CRF post-processing (pydensecrf)")
@@ -348,11 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_search)
 
     x = sub.add_parser("export-voc", help="write the PASCAL VOC 2012 evaluation server's submission tarball")
-    x.add_argument("checkpoint", nargs="?", help="a weakseg checkpoint (.pt) or Tune checkpoint folder")
+    x.add_argument("checkpoint", nargs="?", help="a weakseg checkpoint (.pt), Tune checkpoint folder, "
+                   "or MLflow model models:/NAME/VERSION or models:/NAME@ALIAS (with --tracking-uri)")
     x.add_argument("--best", metavar="SEARCH", help="the model of a search's best trial (its last checkpoint): "
                    "results/<name>/ or its space file")
     x.add_argument("--mlflow-run", metavar="RUN_ID", help="the checkpoint recorded on an MLflow run")
-    x.add_argument("--tracking-uri", help="MLflow tracking URI for --mlflow-run")
+    x.add_argument("--tracking-uri", help="MLflow tracking URI for --mlflow-run and models:/ sources")
     x.add_argument("--data", help="VOC root (default: the checkpoint's data.root)")
     x.add_argument("--split", default="test")
     x.add_argument("--crf", action="store_true", help="dense-CRF post-processing")

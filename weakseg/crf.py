@@ -70,8 +70,8 @@ def _densecrf():
         import pydensecrf.densecrf as dcrf
     except ImportError as e:
         raise UserError(
-            "dense-CRF post-processing needs pydensecrf: run `pip install pydensecrf2` "
-            "(the package named pydensecrf on PyPI no longer builds)"
+            "dense-CRF post-processing (--crf) needs weakseg's `crf` extra: pip install 'weakseg[crf]' "
+            "(or pip install pydensecrf2; the package named pydensecrf on PyPI no longer builds)"
         ) from e
     return dcrf
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,7 +21,8 @@ from typing import Any, Mapping
 from ray.tune import Callback
 
 from weakseg.config import build_config, mapping_settings
-from weakseg.search.tracking import SearchRun, _client, _log_files, _log_metrics, _log_params, retry
+from weakseg.search.tracking import (TAG_ABSENT, SearchRun, _client, _log_files, _log_metrics, _log_params,
+                                     absent_classes, log_dataset, retry, summary_metrics)
 from weakseg.search.trial import EVAL_FILES, TRAIN_LOG_FILE
 
 
@@ -30,6 +32,7 @@ class MlflowCallback(Callback):
         self.base_values = dict(base_values)
         self.full_iterations = full_iterations
         self.runs: dict[str, str] = {}  # trial id -> run id: a cache, the tag is the truth
+        self.data: dict[tuple, Any] = {}  # data config -> DataFingerprint, computed once per data set
 
     def run_of(self, trial) -> str:
         if trial.trial_id not in self.runs:
@@ -44,6 +47,12 @@ class MlflowCallback(Callback):
         cfg = build_config(mapping_settings({**self.base_values, **sampled}, "trial", None))
         _log_params(client, run_id, {**cfg.flat(), "trial_id": trial.trial_id,
                                      **{f"sampled/{k}": v for k, v in sampled.items()}})
+        key = tuple(sorted(dataclasses.asdict(cfg.data).items()))
+        if key not in self.data:
+            from weakseg.data.fingerprint import fingerprint
+
+            self.data[key] = fingerprint(cfg)
+        log_dataset(client, run_id, self.data[key])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "iteration" not in result:
@@ -51,7 +60,10 @@ class MlflowCallback(Callback):
         # train/* come with the checkpoint's training log, at their own iterations
         scalars = {k: v for k, v in result.items() if k.startswith("val/")
                    and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        _log_metrics(_client(self.search.uri), self.run_of(trial), scalars, int(result["iteration"]))
+        client, run_id = _client(self.search.uri), self.run_of(trial)
+        logged = retry(lambda: client.get_run(run_id), "reading a trial run").data.metrics
+        _log_metrics(client, run_id, {**scalars, **summary_metrics(scalars, logged)}, int(result["iteration"]))
+        retry(lambda: client.set_tag(run_id, TAG_ABSENT, absent_classes(scalars)), "tagging a trial run")
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         run_id = self.run_of(trial)

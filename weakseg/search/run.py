@@ -41,6 +41,7 @@ class SearchOutcome:
     best_trial: str | None
     best_value: float  # the best trial's metric at its last evaluation
     export_path: Path | None = None
+    model_uri: str | None = None  # models:/NAME/VERSION of the selected model
 
 
 def code_version() -> str:
@@ -218,6 +219,7 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
     from ray.tune.search import ConcurrencyLimiter
 
     from weakseg.data import build
+    from weakseg.data.fingerprint import fingerprint
     from weakseg.search.callbacks import MlflowCallback
     from weakseg.search.searcher import EarlyStopAwareOptunaSearch
     from weakseg.search.tracking import SearchRun, quiet_mlflow
@@ -270,6 +272,7 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
                     **{f"fixed.{k}": v.value for k, v in space.fixed.items()}},
             space_file=space.path,
             code_version=code_version(),
+            data=fingerprint(cfg),
         )
     print(plan(space), flush=True)
     print(f"MLflow parent run {parent.run_id}", flush=True)
@@ -415,6 +418,7 @@ def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float) -> Searc
         _reconcile_children(parent, rows)
         parent.tag_checkpoints({r.trial_id: r.checkpoint for r in rows if r.checkpoint},
                                best.checkpoint if best is not None else None)
+        model_uri = _log_model(space, parent, best)
         parent.finish("FINISHED", metrics, summary.files)
     export_path = None
     if space.export is not None and best is not None:
@@ -431,7 +435,18 @@ def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float) -> Searc
                                  split=split, crf=crf, force=True)
         print(upload_instructions(export_path, _count_ids(export_path), split))
     return SearchOutcome(space.results_dir, space.tracking_uri, space.experiment, parent.run_id,
-                         best.trial_id if best else None, best.final if best else math.nan, export_path)
+                         best.trial_id if best else None, best.final if best else math.nan, export_path, model_uri)
+
+
+def _log_model(space: SearchSpace, parent: Any, best: Any) -> str | None:
+    """The selected trial's checkpoint (the one trials.md names) as a registered MLflow model."""
+    if best is None or not best.checkpoint:
+        return None
+    from weakseg.search.checkpoints import resolve_checkpoint
+
+    uri = parent.log_model(best.trial_id, resolve_checkpoint(best.checkpoint), best.checkpoint, space.register_as)
+    print(f"MLflow model: {uri} (trial {best.trial_id})", flush=True)
+    return uri
 
 
 def _count_ids(archive: Path) -> int:

@@ -23,7 +23,8 @@
       seed: 0
       storage_path: ../results/ray  # local folder, s3://bucket/path or gs://bucket/path
       results_dir: ../results       # summary tables and plots go to results_dir/<name>/
-      mlflow: {tracking_uri: null, experiment: null}   # default: sqlite in results_dir, experiment = name
+      mlflow: {tracking_uri: null, experiment: null, register_as: null}   # default: sqlite in results_dir,
+                                    # experiment = name; the selected model is registered as register_as (default: name)
     export: {split: test}           # optional: export the best model for the VOC server at the end
 
 Everything is checked before Ray starts: unknown keys, parameter names that are
@@ -36,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -119,6 +121,7 @@ class Settings:
     results_dir: str = ""
     tracking_uri: str | None = None
     experiment: str | None = None
+    register_as: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,11 @@ class SearchSpace:
     @property
     def experiment(self) -> str:
         return self.settings.experiment or self.name
+
+    @property
+    def register_as(self) -> str:
+        """The Model Registry name the search's selected model is registered under."""
+        return self.settings.register_as or self.name
 
     @property
     def full_iterations(self) -> int:
@@ -482,10 +490,10 @@ def _parse_settings(raw: Any, loc: _Loc, path: Path) -> Settings:
     storage_path = location("storage_path", str(Path(results_dir) / "ray"))
     ml = raw.get("mlflow") or {}
     if not isinstance(ml, dict):
-        raise loc.error("settings.mlflow", "must be a mapping {tracking_uri: ..., experiment: ...}")
+        raise loc.error("settings.mlflow", "must be a mapping {tracking_uri: ..., experiment: ..., register_as: ...}")
     for k in ml:
-        if k not in ("tracking_uri", "experiment"):
-            raise loc.error(f"settings.mlflow.{k}", "unknown option (tracking_uri, experiment)")
+        if k not in ("tracking_uri", "experiment", "register_as"):
+            raise loc.error(f"settings.mlflow.{k}", "unknown option (tracking_uri, experiment, register_as)")
     uri = ml.get("tracking_uri")
     if uri is not None and (not isinstance(uri, str) or not uri):
         raise loc.error("settings.mlflow.tracking_uri", "must be a URI (http://host:port, sqlite:///path, ...)")
@@ -494,10 +502,14 @@ def _parse_settings(raw: Any, loc: _Loc, path: Path) -> Settings:
     exp = ml.get("experiment")
     if exp is not None and not isinstance(exp, str):
         raise loc.error("settings.mlflow.experiment", "must be a string")
+    register_as = ml.get("register_as")
+    if register_as is not None and not (isinstance(register_as, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", register_as)):
+        raise loc.error("settings.mlflow.register_as", "must be a model name of letters, digits, '.', '-' or '_'")
     return Settings(
         sampler=sampler, samples=samples, metric=metric, mode=mode, scheduler=scheduler, max_concurrent=max_concurrent,
         resources=Resources(float(cpu), float(gpu)), max_failures=max_failures, seed=seed,
         storage_path=storage_path, results_dir=results_dir, tracking_uri=uri, experiment=exp,
+        register_as=register_as,
     )
 
 

@@ -1,4 +1,5 @@
-"""All of weakseg's MLflow calls: one experiment per search, a parent run per search, a child run per trial.
+"""All of weakseg's MLflow calls: one experiment per search, a parent run per search, a child run per trial
+(logging and loading models: `weakseg.search.models`).
 
 Every MLflow call of a search happens on the driver, in a Ray Tune callback
 (`weakseg.search.callbacks.MlflowCallback`): trials report to Tune only, with their metrics and a
@@ -18,6 +19,7 @@ every trial after `Tuner.restore`.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import time
@@ -35,6 +37,11 @@ TAG_TRIAL = "weakseg.trial_id"
 TAG_OUTCOME = "weakseg.outcome"  # completed | stopped_early | failed | diverged
 TAG_ERROR = "weakseg.error"
 TAG_CHECKPOINT = "weakseg.checkpoint"  # a trial's last checkpoint; on the parent, the chosen trial's
+TAG_ABSENT = "weakseg.absent_classes"  # classes with no IoU (absent from prediction and truth) at the last evaluation
+TAG_DIRTY = "weakseg.git_dirty"  # "true" when the checkout had uncommitted changes
+TAG_MODEL = "weakseg.model_uri"  # on a search's parent run: the registered model (models:/NAME/VERSION)
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+SUMMARY_KEYS = ("val/miou", "val/boundary_iou")  # logged once more per run as best/<key> and final/<key>
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 
@@ -121,7 +128,27 @@ def _metric_batch(scalars: Mapping[str, float], step: int):
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    return [Metric(k, float(v), ts, step) for k, v in scalars.items() if k != "iteration"]
+    # NaN (e.g. the IoU of a class absent from prediction and truth) is skipped, not logged: see absent_classes
+    return [Metric(k, float(v), ts, step) for k, v in scalars.items() if k != "iteration" and math.isfinite(v)]
+
+
+def absent_classes(scalars: Mapping[str, float], prefix: str = "val") -> str:
+    """The classes whose IoU is undefined (absent from prediction and truth), for the TAG_ABSENT tag."""
+    head = f"{prefix}/iou/"
+    return ",".join(k[len(head):] for k, v in scalars.items() if k.startswith(head) and not math.isfinite(v)) or "none"
+
+
+def summary_metrics(scalars: Mapping[str, float], logged: Mapping[str, float]) -> dict[str, float]:
+    """final/<key> (this evaluation) and best/<key> (the best so far, `logged` holding the run's metrics)
+    of the SUMMARY_KEYS: one value per run, so that the runs table can sort by them."""
+    out = {}
+    for key in SUMMARY_KEYS:
+        v = scalars.get(key)
+        if v is None or not math.isfinite(v):
+            continue
+        out[f"final/{key}"] = float(v)
+        out[f"best/{key}"] = max(float(v), logged.get(f"best/{key}", -math.inf))
+    return out
 
 
 def _log_metrics(client, run_id: str, scalars: Mapping[str, float], step: int) -> None:
@@ -146,6 +173,63 @@ def _log_files(client, run_id: str, files: Mapping[str, Path], artifact_path: st
             retry(lambda: client.log_artifact(run_id, str(path), artifact_path), f"uploading {name} to run {run_id}")
 
 
+# ------------------------------------------------------------------- lineage
+
+
+def git_state() -> tuple[str, bool] | None:
+    """(commit, dirty) of the checkout weakseg runs from; None for an installed package."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha.stdout.strip(), bool(status.stdout.strip())
+
+
+def lineage_tags() -> dict[str, str]:
+    """Tags every weakseg run carries: the code it ran (version, git commit and whether it was dirty)."""
+    import weakseg
+
+    tags = {"weakseg.version": weakseg.__version__, "mlflow.source.name": "weakseg"}
+    state = git_state()
+    if state is not None:
+        tags[GIT_COMMIT_TAG], tags[TAG_DIRTY] = state[0], "true" if state[1] else "false"
+    return tags
+
+
+def log_dataset(client, run_id: str, fp: Any, context: str = "training") -> None:
+    """The data set as an MLflow dataset input (`fp`: a weakseg.data.fingerprint.DataFingerprint)."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    ds = Dataset(name=fp.name, digest=fp.digest, source_type="local", source=json.dumps({"uri": fp.source}),
+                 profile=json.dumps({"images": fp.images}))
+    retry(lambda: client.log_inputs(run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", context)])]),
+          f"logging the data set of run {run_id}")
+
+
+def start_system_metrics(uri: str, run_id: str, resume: bool = False):
+    """MLflow's sampler of this node's CPU, memory, disk, network (and GPU with nvidia-ml-py) for a run;
+    None when psutil is missing. Stop it with `.finish()`."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:
+        return None
+    import logging
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
 # ------------------------------------------------------------------- parent (driver)
 
 
@@ -156,8 +240,25 @@ class SearchRun:
         self.uri, self.experiment_name, self.search_key = uri, experiment, search_key
         self.experiment_id = ""
         self.run_id = ""
+        self.monitor = None  # MLflow's system metrics of the driver's node, on the parent run
 
-    def start(self, resume: bool, params: Mapping[str, Any], space_file: Path, code_version: str) -> str:
+    def __getstate__(self) -> dict[str, Any]:
+        """Ray pickles the callback holding this with the experiment state: not the sampler thread."""
+        return {**self.__dict__, "monitor": None}
+
+    def start(self, resume: bool, params: Mapping[str, Any], space_file: Path, code_version: str,
+              data: Any = None) -> str:
+        """Create (or, resuming, reopen) the parent run; `data`: the base config's DataFingerprint."""
+        self.run_id = self._start(resume, params, space_file, code_version)
+        client = _client(self.uri)
+        for k, v in lineage_tags().items():
+            retry(lambda: client.set_tag(self.run_id, k, v), "tagging the search run")
+        if data is not None:
+            log_dataset(client, self.run_id, data)
+        self.monitor = start_system_metrics(self.uri, self.run_id, resume=resume)
+        return self.run_id
+
+    def _start(self, resume: bool, params: Mapping[str, Any], space_file: Path, code_version: str) -> str:
         check_reachable(self.uri)
         _make_sqlite_folder(self.uri)
         client = _client(self.uri)
@@ -225,6 +326,9 @@ class SearchRun:
         return {r.data.tags.get(TAG_TRIAL, r.info.run_id): r for r in runs}
 
     def finish(self, status: str, metrics: Mapping[str, float], files: Mapping[str, Path]) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
         client = _client(self.uri)
         if metrics:
             _log_metrics(client, self.run_id, metrics, step=0)
@@ -249,7 +353,7 @@ class SearchRun:
         run = retry(
             lambda: client.create_run(
                 self.experiment_id,
-                tags={PARENT_TAG: self.run_id, TAG_TRIAL: trial_id, TAG_ROLE: "trial"},
+                tags={PARENT_TAG: self.run_id, TAG_TRIAL: trial_id, TAG_ROLE: "trial", **lineage_tags()},
                 run_name=trial_name,
             ),
             f"creating the run of trial {trial_id}",
@@ -264,6 +368,20 @@ class SearchRun:
                 retry(lambda: client.set_tag(run.info.run_id, TAG_CHECKPOINT, by_trial[trial_id]), "tagging a run")
         if best:
             retry(lambda: client.set_tag(self.run_id, TAG_CHECKPOINT, best), "tagging the search run")
+
+    def log_model(self, trial_id: str, checkpoint: Path, location: str, register_as: str) -> str:
+        """Log the selected trial's checkpoint as the model of its run, register it as `register_as`
+        (tagged with the search, its parent run and the trial) and note it on the parent run."""
+        from weakseg.search.models import log_checkpoint_model
+
+        run = self.children()[trial_id]
+        tags = {TAG_SEARCH: self.search_key, "weakseg.search_run_id": self.run_id, TAG_TRIAL: trial_id,
+                "weakseg.trial_run_id": run.info.run_id, TAG_CHECKPOINT: location}
+        uri = log_checkpoint_model(self.uri, run.info.run_id, checkpoint, register_as, tags,
+                                   f"The selected trial ({trial_id}, run {run.info.run_name}) of the search "
+                                   f"{self.search_key}: checkpoint {location}")
+        retry(lambda: _client(self.uri).set_tag(self.run_id, TAG_MODEL, uri), "tagging the search run")
+        return uri
 
     def close_child(self, trial_id: str, status: str, outcome: str, error: str | None = None,
                     role: str | None = None) -> None:
@@ -327,7 +445,8 @@ class TrainRunReporter:
             what = "continuing"
         else:
             run = retry(
-                lambda: self.client.create_run(exp_id, tags={TAG_ROLE: "train"}, run_name=self.run_dir.name),
+                lambda: self.client.create_run(exp_id, tags={TAG_ROLE: "train", **lineage_tags()},
+                                               run_name=self.run_dir.name),
                 "creating the training run",
             )
             self.run_id = run.info.run_id
@@ -337,6 +456,14 @@ class TrainRunReporter:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(id_file, self.run_id + "\n")
             what = "run"
+        if previous is not None:  # the code may have changed since: the tags say what ran last
+            for k, v in lineage_tags().items():
+                retry(lambda: self.client.set_tag(self.run_id, k, v), "tagging the training run")
+        from weakseg.data.fingerprint import fingerprint
+
+        log_dataset(self.client, self.run_id, fingerprint(cfg))
+        self.uri = uri
+        self.monitor = start_system_metrics(uri, self.run_id, resume=previous is not None)
         print(f"MLflow: {what} {self.run_id} in experiment {exp_name} at {uri}", flush=True)
 
     def _previous_run(self, id_file: Path, exp_id: str):
@@ -364,13 +491,23 @@ class TrainRunReporter:
             self.inner.log(iteration, scalars)
 
     def evaluated(self, iteration, scalars, result, final) -> None:
-        _log_metrics(self.client, self.run_id, scalars, iteration)
+        logged = retry(lambda: self.client.get_run(self.run_id), "reading the training run").data.metrics
+        _log_metrics(self.client, self.run_id, {**scalars, **summary_metrics(scalars, logged)}, iteration)
+        retry(lambda: self.client.set_tag(self.run_id, TAG_ABSENT, absent_classes(scalars)), "tagging the training run")
         _log_files(self.client, self.run_id, eval_artifacts(self.run_dir), "eval")
         if self.inner is not None:
             self.inner.evaluated(iteration, scalars, result, final)
 
     def close(self, error: BaseException | None = None) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
         status = "FINISHED" if error is None else ("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if error is None and last.is_file():  # the run's model: its last checkpoint, as a search selects
+            from weakseg.search.models import log_checkpoint_model
+
+            uri = log_checkpoint_model(self.uri, self.run_id, last)
+            print(f"MLflow: model {uri}", flush=True)
         if error is not None:
             with contextlib.suppress(Exception):
                 self.client.set_tag(self.run_id, TAG_ERROR, str(error)[:4000])
@@ -384,7 +521,9 @@ def log_evaluation(uri: str, experiment: str, run_name: str, params: Mapping[str
     _make_sqlite_folder(uri)
     client = _client(uri)
     exp_id = ensure_experiment(uri, experiment)
-    run = retry(lambda: client.create_run(exp_id, tags={TAG_ROLE: "evaluate"}, run_name=run_name),
+    run = retry(lambda: client.create_run(exp_id, tags={TAG_ROLE: "evaluate", **lineage_tags(),
+                                                         TAG_ABSENT: absent_classes(metrics, str(params.get("split", "val")))},
+                                          run_name=run_name),
                 "creating the evaluation run")
     _log_params(client, run.info.run_id, params)
     _log_metrics(client, run.info.run_id, metrics, step=0)
@@ -405,14 +544,14 @@ def eval_artifacts(run_dir: Path) -> dict[str, Path]:
 
 
 @contextlib.contextmanager
-def quiet_mlflow() -> Iterator[None]:
-    """MLflow's SQLite migrations print INFO lines on first use; keep the console readable."""
+def quiet_mlflow(level: int = 30) -> Iterator[None]:
+    """MLflow's SQLite migrations print INFO lines on first use; keep the console readable (30: WARNING)."""
     import logging
 
     loggers = [logging.getLogger(n) for n in ("mlflow", "alembic")]
     levels = [l.level for l in loggers]
     for l in loggers:
-        l.setLevel(logging.WARNING)
+        l.setLevel(level)
     try:
         yield
     finally:
