@@ -12,6 +12,8 @@ from __future__ import annotations
 # what one search leaves in results/<search>/ (search.json is written by run.py)
 SUMMARY_FILES = ("trials.csv", "trials.md", "best_config.yaml", "best_checkpoint.txt", "metric_vs_lambda.png",
                  "best_iou.png", "search.json")
+# outcomes that are results (eligible as best); failed, diverged, interrupted (cut by a signal) and pending are not
+OK_OUTCOMES = ("completed", "stopped_early")
 
 import csv
 import io
@@ -29,7 +31,7 @@ from weakseg.io import atomic_write_text, atomic_write_with
 @dataclass
 class TrialRow:
     trial_id: str
-    outcome: str  # completed | stopped_early | failed | diverged | pending
+    outcome: str  # completed | stopped_early | failed | diverged | interrupted | pending
     iterations: int
     best: float  # best value of the metric over the trial's evaluations (nan: none)
     last: float
@@ -111,10 +113,11 @@ def write_summary(
     mode: str,
     best_config: Mapping[str, Any] | None,
     title: str,
+    incomplete: str | None = None,
 ) -> Summary:
     """Write the tables, the best config and the plots; returns what was written."""
     rows = sort_rows(rows, mode)
-    best = next((r for r in rows if not math.isnan(r.best) and r.outcome not in ("failed", "diverged")), None)
+    best = next((r for r in rows if not math.isnan(r.best) and r.outcome in OK_OUTCOMES), None)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     param_keys = sorted({k for r in rows for k in r.params})
@@ -129,7 +132,8 @@ def write_summary(
     files["trials.csv"] = out / "trials.csv"
     atomic_write_text(files["trials.csv"], buf.getvalue())
 
-    md = [f"# {title}", "", f"{len(rows)} trials, sorted by best `{metric}` ({mode}).", ""]
+    md = [f"# {title}", ""] + ([f"**Incomplete**: {incomplete}.", ""] if incomplete else [])
+    md += [f"{len(rows)} trials, sorted by best `{metric}` ({mode}).", ""]
     head = ["#", "trial", "outcome", "iters", f"best {metric}", *param_keys]
     md.append("| " + " | ".join(head) + " |")
     md.append("|" + "|".join(["---"] * len(head)) + "|")
