@@ -63,6 +63,7 @@ class SearchLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.replaced: str | None = None  # the stale lock this one replaced, described
+        self._made: list[Path] = []
 
     def _info(self) -> dict[str, Any]:
         return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
@@ -78,6 +79,7 @@ class SearchLock:
     def _create(self, data: bytes) -> bool:
         if _local(self.location):
             path = Path(self.location.removeprefix("file://"))
+            self._made = [p for p in path.parents if not p.exists()]  # removed again on release if still empty
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -182,6 +184,11 @@ class SearchLock:
             self._thread.join(timeout=5)
         if self._read().get("token") == self.token:
             self._remove()
+        for folder in self._made:  # a search refused before it began leaves no empty storage folders
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 # ----------------------------------------------------------------------------- the space it started with
