@@ -130,3 +130,18 @@ def test_a_tracking_outage_is_buffered_reported_after_the_bound_and_sent_once(tm
     cb2.on_trial_result(0, [], trial, {"iteration": 6, "val/miou": 0.6})
     history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/miou")]
     assert sorted(history) == [(2, 0.2), (4, 0.4), (6, 0.6)]
+
+
+def test_a_write_that_would_fill_the_disk_is_refused_and_leaves_the_old_file(tmp_path: Path, monkeypatch):
+    from weakseg import io
+
+    target = tmp_path / "search.json"
+    target.write_text("old\n")
+    real = os.statvfs(tmp_path)
+    free = io.MIN_FREE_BYTES + 2 * real.f_frsize  # what the file system reports as free: the reserve + 2 blocks
+    monkeypatch.setattr(io.os, "statvfs", lambda p: SimpleNamespace(f_bavail=free // real.f_frsize,
+                                                                    f_frsize=real.f_frsize))
+    io.atomic_write_text(target, "x" * 100)  # fits, with the reserve kept
+    with pytest.raises(UserError, match=f"no space left for {target}"):
+        io.atomic_write_text(target, "y" * (2 * real.f_frsize + 1))
+    assert target.read_text() == "x" * 100 and not list(tmp_path.glob(".*.tmp"))

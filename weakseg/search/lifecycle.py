@@ -326,6 +326,8 @@ class Interruption:
         self.signal = signal.Signals(signum).name
         print(f"\n{self.signal} received: stopping the search; its state is saved for --resume "
               "(send it again to stop at once)", file=sys.stderr, flush=True)
+        if not callable(signal.getsignal(signal.SIGUSR1)):
+            raise KeyboardInterrupt  # Ray Tune's handler is not installed yet (or any more): nothing to save
         os.kill(os.getpid(), signal.SIGUSR1)  # Ray Tune's stop: ends the loop, saves the state, stops trials
 
     @property

@@ -276,6 +276,11 @@ def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check:
     if target:
         probe_address(target)
     check_reachable(space.tracking_uri)  # before Ray starts: an unreachable server fails in a second
+    if "://" not in s.storage_path:  # checkpoints go there: a search that would fill the disk does not start
+        from weakseg.io import check_free_space
+
+        Path(s.storage_path).mkdir(parents=True, exist_ok=True)
+        check_free_space(Path(s.storage_path), 256 << 20, f"the search's checkpoints (settings.storage_path)")
     init_ray(address)
     if check:
         check_resources(s.resources.cpu, s.resources.gpu)
