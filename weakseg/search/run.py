@@ -392,7 +392,15 @@ def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check:
     unfinished = set()
     if interruption.signal:  # trials Tune had not finished when the signal came: cut, to be resumed
         unfinished = {t for t, st in callback.status.items() if st not in ("TERMINATED", "ERROR")}
-    return _finish(space, parent, grid, time.time() - started, interruption.signal, unfinished)
+    try:
+        return _finish(space, parent, grid, time.time() - started, interruption.signal, unfinished)
+    except UserError as e:  # e.g. no space left for the summaries: the parent run must not stay RUNNING
+        import contextlib
+
+        with quiet_mlflow(), contextlib.suppress(Exception):
+            parent.tag("weakseg.error", str(e))
+            parent.finish("FAILED", {}, {})
+        raise
 
 
 def _mlflow_callback_of(tuner: Any) -> Any:
