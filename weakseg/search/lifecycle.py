@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from weakseg.errors import UserError
 
@@ -307,11 +307,20 @@ def check_owner(folder: Path, files: list[Path]) -> None:
 
 class Interruption:
     """SIGINT and SIGTERM become Ray Tune's graceful stop (its SIGUSR1 handler): the experiment state is
-    saved with the cut trials unfinished, and `signal` says which one came. A second signal aborts."""
+    saved with the cut trials unfinished, and `signal` says which one came. A second signal aborts.
 
-    def __init__(self) -> None:
+    When the graceful stop cannot end within GRACE_S (SIGTERM sent to the whole process group also
+    stops Ray's own GCS and raylet, and the driver's Ray core then exits after 60 s), `abandon(signal)`
+    runs on a helper thread (close the runs, write the status, print the resume hint) and the
+    process exits 128 + signal: the Ray state is the last one saved, as after a SIGKILL."""
+
+    GRACE_S = 30.0
+
+    def __init__(self, abandon: Callable[[str], None] | None = None) -> None:
         self.signal: str | None = None
+        self.abandon = abandon
         self._previous: dict[int, Any] = {}
+        self._ended = threading.Event()
 
     def __enter__(self) -> "Interruption":
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours replaces Ray Tune's, which exits looking finished
@@ -326,6 +335,8 @@ class Interruption:
         self.signal = signal.Signals(signum).name
         print(f"\n{self.signal} received: stopping the search; its state is saved for --resume "
               "(send it again to stop at once)", file=sys.stderr, flush=True)
+        if self.abandon is not None:
+            threading.Thread(target=self._watchdog, name="weakseg-interruption", daemon=True).start()
         if not callable(signal.getsignal(signal.SIGUSR1)):
             raise KeyboardInterrupt  # Ray Tune's handler is not installed yet (or any more): nothing to save
         os.kill(os.getpid(), signal.SIGUSR1)  # Ray Tune's stop: ends the loop, saves the state, stops trials
@@ -334,6 +345,20 @@ class Interruption:
     def exit_code(self) -> int:
         return 128 + int(getattr(signal, self.signal)) if self.signal else 0
 
+    def _watchdog(self) -> None:
+        if self._ended.wait(self.GRACE_S):
+            return
+        code = self.exit_code
+        try:
+            print(f"the search did not stop within {self.GRACE_S:.0f} s (Ray's own processes got the signal "
+                  "too?): closing it as interrupted", file=sys.stderr, flush=True)
+            self.abandon(self.signal)  # type: ignore[misc]
+        finally:
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(code)
+
     def __exit__(self, *exc: Any) -> None:
+        self._ended.set()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

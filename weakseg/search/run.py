@@ -219,13 +219,13 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
     lock.acquire()
     try:
         return _run_search(space, resume=resume, address=address, check=check, restart=restart,
-                           apply_safe_changes=apply_safe_changes)
+                           apply_safe_changes=apply_safe_changes, lock=lock)
     finally:
         lock.release()
 
 
 def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check: bool, restart: bool,
-                apply_safe_changes: bool) -> SearchOutcome:
+                apply_safe_changes: bool, lock: Any) -> SearchOutcome:
     prepare_local_auth(address)
     # Ray's newer console output prints every reported metric (21 IoUs per line); the classic
     # reporter shows the columns chosen below. Read when ray.tune runs, so set it first.
@@ -380,7 +380,7 @@ def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check:
                 ),
             )
             lifecycle.write_space_record(exp_path, space)  # the Tuner has created the experiment folder
-        with Interruption() as interruption:
+        with Interruption(lambda sig: _abandon(space, parent, sig, lock)) as interruption:
             grid = tuner.fit()
     except KeyboardInterrupt:  # a second signal: no summary, the parent run says so
         with quiet_mlflow():
@@ -401,6 +401,27 @@ def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check:
             parent.tag("weakseg.error", str(e))
             parent.finish("FAILED", {}, {})
         raise
+
+
+def _abandon(space: SearchSpace, parent: Any, signal_name: str, lock: Any) -> None:
+    """The last acts of a driver whose Ray is gone: no run left RUNNING, the status written, the lock freed."""
+    import contextlib
+    import shlex
+
+    from weakseg.search.tracking import quiet_mlflow
+
+    with quiet_mlflow(), contextlib.suppress(Exception):
+        for trial_id, run in parent.children().items():
+            if run.info.status == "RUNNING":
+                parent.close_child(trial_id, "KILLED", "interrupted", error=f"interrupted by {signal_name}")
+        parent.tag("weakseg.outcome", "interrupted")
+        parent.tag("weakseg.error", f"interrupted by {signal_name}")
+        parent.finish("KILLED", {}, {})
+    with contextlib.suppress(Exception):
+        _write_search_json(space, parent, "interrupted", interrupted_by=signal_name)
+    lock.release()
+    print(f"weakseg search: interrupted by {signal_name}: the search is incomplete; continue it with\n"
+          f"  weakseg search {shlex.quote(str(space.path))} --resume", file=sys.stderr, flush=True)
 
 
 def _mlflow_callback_of(tuner: Any) -> Any:
