@@ -75,7 +75,7 @@ def train_dataset(cfg: Config) -> Dataset:
         from weakseg.data.imagenet import ImageNetSubset
 
         mapping = Path(d.synset_mapping) if d.synset_mapping else None
-        return ImageNetSubset(Path(d.train_root), transform=tf, mapping=mapping)
+        return ImageNetSubset(Path(d.train_root), transform=tf, mapping=mapping, max_pixels=d.max_pixels)
     from weakseg.data.voc import VOCSegmentation
 
     root = ensure_synthetic(d)
