@@ -492,6 +492,39 @@ def space_gpu_fraction_above_one(c: Ctx):
     return ["search", str(f)], [f"{f}:", "settings.resources.gpu", "1.5"]
 
 
+def space_alias_bomb(c: Ctx):
+    """Eight levels of ten aliases: 10^8 strings once expanded (main grew to GBs before failing)."""
+    levels = ["  l0: &l0 [exp, exp, exp, exp, exp, exp, exp, exp, exp, exp]"]
+    levels += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 8)]
+    f = space(c, "settings:\n", "settings:\n" + "\n".join(levels) + "\n")
+    return ["search", str(f)], [str(f), "aliases are expanded"]
+
+
+def space_huge_choice_list(c: Ctx):
+    f = space(c, "loss.lam: {uniform: [0.0, 1.0]}", "loss.lam: {choice: [%s]}" % ", ".join(map(str, range(5000))))
+    return ["search", str(f)], [f"{f}:6", "params.loss.lam.choice", "5000 values", "at most 1000"]
+
+
+def space_file_too_large(c: Ctx):
+    f = space(c)
+    f.write_text(f.read_text() + "#" * (2 << 20) + "\n")
+    return ["search", str(f)], [str(f), "bytes", "limited to 1048576"]
+
+
+def space_duplicate_key(c: Ctx):
+    f = space(c, "  samples: 2\n", "  samples: 2\n  samples: 5\n")
+    return ["search", str(f)], [f"{f}:9", "duplicate key 'samples'", "first at line 8"]
+
+
+def space_seed_out_of_range(c: Ctx):
+    f = space(c, "  samples: 2\n", "  samples: 2\n  seed: 99999999999999999999\n")
+    return ["search", str(f), "--dry-run"], [f"{f}:9", "settings.seed", "4294967295"]
+
+
+def set_train_seed_out_of_range(c: Ctx):
+    return c.train("train.seed=99999999999999999999"), ["train.seed", "4294967295"]
+
+
 CASES: list[Case] = [
     malformed_yaml, unknown_key_in_file, bad_bound_in_file, wrong_type_in_file, config_file_is_a_list,
     missing_config_file, base_that_does_not_exist, set_unknown_key, set_wrong_type, set_bad_bound, set_bad_choice,
@@ -506,6 +539,8 @@ CASES: list[Case] = [
     export_with_truncated_checkpoint, space_malformed_yaml, space_unknown_top_key, space_unknown_parameter,
     space_bad_bound, space_bound_outside_the_config_range, space_wrong_type, space_uniform_on_a_choice_key,
     space_fixed_wrong_type, space_is_a_list, space_missing, space_bad_tracking_uri, space_gpu_fraction_above_one,
+    space_alias_bomb, space_huge_choice_list, space_file_too_large, space_duplicate_key, space_seed_out_of_range,
+    set_train_seed_out_of_range,
 ]
 
 
@@ -520,6 +555,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, ctx: Ctx, c
     check_contract(rc, err, argv[0], culprits)
     assert snapshot(outputs) == before  # absent stays absent, an existing run is untouched
     assert not list(ctx.tmp.glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_an_image_above_the_pixel_limit_is_refused_by_name(ctx: Ctx, capsys):
+    """Found at the evaluation that reads it, before it is decoded: one line naming it and the limit."""
+    jpg = ctx.voc() / "JPEGImages" / f"{ctx.ids('val')[0]}.jpg"  # every val image is read at the evaluation
+    with Image.open(jpg) as im:
+        im.resize((200, 150)).save(jpg)  # the only image above 5000 pixels (the others are 64 x <= 64)
+    capsys.readouterr()
+    rc = main(ctx.train("data.max_pixels=5000"))
+    check_contract(rc, capsys.readouterr().err, "train",
+                   [str(jpg), "200x150 = 30000 pixels", "limit of 5000", "data.max_pixels"])
 
 
 def test_a_pickled_object_in_a_checkpoint_is_refused_without_running_it(ctx: Ctx, capsys):

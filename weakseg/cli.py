@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -217,18 +219,40 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     from weakseg.search.run import run_search
 
+    if args.apply_safe_changes and not args.resume:
+        raise UserError("--apply-safe-changes goes with --resume (it applies edits made since the search started)")
     out = run_search(space, resume=args.resume, address=args.address, check=not args.no_resource_check,
-                     restart=args.restart)
+                     restart=args.restart, apply_safe_changes=args.apply_safe_changes)
     print()
     print(f"best trial: {out.best_trial or '–'}  {space.settings.metric} = {_pct(out.best_value)} "
           "(its last evaluation; trials ranked by their last evaluation)")
     print(f"results:    {out.results_dir}  (trials.md, best_config.yaml, plots)")
     print(f"MLflow:     experiment {out.experiment!r}, parent run {out.parent_run_id}")
-    print(f"MLflow UI:  mlflow ui --backend-store-uri {out.tracking_uri} --host 127.0.0.1 --port 5000"
-          if out.tracking_uri.startswith("sqlite") else f"MLflow UI:  {out.tracking_uri}")
+    print(f"MLflow UI:  {shlex.join(['mlflow', 'ui', '--backend-store-uri', out.tracking_uri])} "
+          "--host 127.0.0.1 --port 5000" if out.tracking_uri.startswith("sqlite") else f"MLflow UI:  {out.tracking_uri}")
     if out.export_path is not None:
         print(f"VOC submission: {out.export_path}")
+    if out.interrupted:
+        print(f"weakseg search: interrupted by {out.interrupted}: the search is incomplete; continue it with\n"
+              f"  {_resume_command(args)}", file=sys.stderr)
+        return 128 + int(getattr(signal, out.interrupted))
+    if not out.trials_ok:
+        print(f"weakseg search: error: no trial succeeded (see {out.results_dir / 'trials.md'})", file=sys.stderr)
+        return 1
     return 0
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The exact command that continues this search (same space and overrides), quoted for a shell."""
+    prog = ["weakseg"] if Path(sys.argv[0]).name == "weakseg" else [sys.executable, "-m", "weakseg"]
+    argv = [*prog, "search", str(Path(args.space).resolve()), "--resume"]
+    for flag in ("address", "samples", "storage_path", "results_dir", "tracking_uri"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.no_resource_check:
+        argv.append("--no-resource-check")
+    return shlex.join(argv)
 
 
 def cmd_export_voc(args: argparse.Namespace) -> int:
@@ -245,7 +269,7 @@ def cmd_export_voc(args: argparse.Namespace) -> int:
     elif args.best:
         from weakseg.search.checkpoints import best_of_search
 
-        location = best_of_search(Path(args.best))
+        location = best_of_search(Path(args.best), allow_incomplete=args.allow_incomplete)
     else:
         from weakseg.search.tracking import checkpoint_of_run
 
@@ -370,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage-path", help="override settings.storage_path (e.g. s3://bucket/weakseg/ray)")
     s.add_argument("--results-dir", help="override settings.results_dir")
     s.add_argument("--tracking-uri", help="override settings.mlflow.tracking_uri (e.g. http://127.0.0.1:5000)")
+    s.add_argument("--apply-safe-changes", action="store_true",
+                   help="with --resume: apply the edits to the space file that are safe (more samples); "
+                        "any other edit is refused")
     s.add_argument("--no-resource-check", action="store_true",
                    help="skip the check that the cluster can run one trial (autoscalers unknown to weakseg)")
     s.set_defaults(func=cmd_search)
@@ -381,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "results/<name>/ or its space file")
     x.add_argument("--mlflow-run", metavar="RUN_ID", help="the checkpoint recorded on an MLflow run")
     x.add_argument("--tracking-uri", help="MLflow tracking URI for --mlflow-run and models:/ sources")
+    x.add_argument("--allow-incomplete", action="store_true",
+                   help="with --best: also export from a search that was interrupted or is still running")
     x.add_argument("--data", help="VOC root (default: the checkpoint's data.root)")
     x.add_argument("--split", default="test")
     x.add_argument("--crf", action="store_true", help="dense-CRF post-processing")

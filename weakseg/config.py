@@ -24,7 +24,8 @@ import yaml
 
 from weakseg.errors import UserError
 
-PATH = {"path": True}  # field metadata: relative values are resolved against their origin
+PATH = {"path": True}
+MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take 32-bit seeds  # field metadata: relative values are resolved against their origin
 
 
 # --------------------------------------------------------------------------- schema
@@ -55,6 +56,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     val_limit: int = 0  # evaluate on the first N val images only (0: all); for quick search trials
+    max_pixels: int = 40_000_000  # larger images are refused by name (decoding one takes GBs); VOC's are 0.2 M
     crop_size: int = 224
     train_mode: Literal["resize", "scale_crop"] = "resize"
     scale_min: float = 1.0
@@ -229,14 +231,27 @@ def resolve_config_path(name_or_path: str | os.PathLike, relative_to: Path | Non
     )
 
 
+# Config and space files are a few KB: these bounds stop a hostile or broken file from taking the machine down
+MAX_YAML_BYTES = 1 << 20  # file size, checked before reading
+MAX_YAML_NODES = 100_000  # nodes after expanding aliases (an alias bomb is tiny on disk, huge in memory)
+
+
 def load_yaml(path: Path) -> tuple[Any, dict[str, int]]:
-    """Parse YAML safely and return (data, {dotted key: line number})."""
+    """Parse YAML safely and return (data, {dotted key: line number}).
+
+    Refused: files over MAX_YAML_BYTES, more than MAX_YAML_NODES nodes once aliases are expanded,
+    and a key repeated in one mapping (YAML would silently keep the last value)."""
     try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: file is {size} bytes; config and space files are limited to {MAX_YAML_BYTES}")
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_nodes(node, path)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -247,6 +262,28 @@ def load_yaml(path: Path) -> tuple[Any, dict[str, int]]:
     if node is not None:
         _collect_lines(node, "", lines)
     return data, lines
+
+
+def _check_nodes(root: yaml.Node, path: Path) -> None:
+    """Count nodes as loading would expand them (aliases included) and reject duplicate keys."""
+    count, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise ConfigError(f"{path}: more than {MAX_YAML_NODES} YAML nodes once aliases are expanded "
+                              "(an alias bomb?); refusing to load it")
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in seen:
+                        raise ConfigError(f"{path}:{k.start_mark.line + 1}: duplicate key {k.value!r} "
+                                          f"(first at line {seen[k.value]})")
+                    seen[k.value] = k.start_mark.line + 1
+                stack += [k, v]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
 
 
 def _collect_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
@@ -439,6 +476,7 @@ def _validate(cfg: Config) -> None:
     _check(0 < d.scale_min <= d.scale_max, "data.scale_min", "need 0 < scale_min <= scale_max")
     _check(d.workers >= 0, "data.workers", "must be >= 0")
     _check(d.val_limit >= 0, "data.val_limit", "must be >= 0 (0: all)")
+    _check(d.max_pixels >= 1, "data.max_pixels", "must be at least 1")
     for k in ("synthetic_train", "synthetic_val", "synthetic_test"):
         _check(getattr(d, k) >= 1, f"data.{k}", "must be at least 1")
     _check(d.synthetic_size >= 32, "data.synthetic_size", "must be at least 32")
@@ -464,6 +502,8 @@ def _validate(cfg: Config) -> None:
     _check(0 < o.lr_gamma <= 1, "optim.lr_gamma", "must lie in (0, 1]")
     _check(o.iterations >= 1, "optim.iterations", "must be at least 1")
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: off)")
+    for key, seed in (("train.seed", t.seed), ("data.synthetic_seed", d.synthetic_seed)):
+        _check(0 <= seed <= MAX_SEED, key, f"must lie in [0, {MAX_SEED}] (got {seed})")
     _check(t.eval_every >= 1, "train.eval_every", "must be at least 1")
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: only at evaluations)")
     _check(t.log_every >= 1, "train.log_every", "must be at least 1")

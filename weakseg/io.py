@@ -31,7 +31,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+MIN_FREE_BYTES = 16 << 20  # kept free after a write: a full disk truncates the files of the writer after us
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse a write that would (nearly) fill the file system, where it tells its free space."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return  # no answer (or not POSIX): write and let the OS say
+    free = st.f_bavail * st.f_frsize
+    if free < need + MIN_FREE_BYTES:
+        from weakseg.errors import UserError
+
+        raise UserError(f"no space left for {what}: {free // (1 << 20)} MiB free on the file system of {folder}, "
+                        f"{(need + MIN_FREE_BYTES) // (1 << 20)} MiB needed")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(path.parent, len(data), str(path))
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 

@@ -16,9 +16,10 @@ processes start as fast as without it.
     }
 
 `match`: training-config keys and the values a trial must have (all must hold). `at`: the training
-iteration *before* the step (`state.iteration`), so `at: 3` hits the 4th step. `raise` raises
+iteration *before* the step (`state.iteration`), so `at: 3` hits the 4th step; `"any"`: every step. `raise` raises
 `InjectedFault` before the step; `nan` runs the real step and returns a NaN loss, which the engine's
-finiteness check turns into `TrainingDiverged`. `once`: fire on the first attempt only (a marker file
+finiteness check turns into `TrainingDiverged`; `sleep` waits `seconds` before the step (a slow trial,
+for signals that must land mid-trial). `once`: fire on the first attempt only (a marker file
 created with O_EXCL survives the trial's process), so a retry shows whether it resumed and how.
 The log lines record pid, session id and each call's iteration: a retried attempt is visible as the
 iteration sequence starting again, at the checkpoint's iteration.
@@ -87,9 +88,12 @@ def _patch(engine) -> None:
             _append(log, {"pid": os.getpid(), "sid": os.getsid(0), "lam": flat.get("loss.lam"),
                           "variant": flat.get("loss.variant"), "it": it, "t": time.time()})
         for f in faults:
-            if it != f["at"] or not _matches(flat, f.get("match", {})):
+            if f["at"] not in ("any", it) or not _matches(flat, f.get("match", {})):
                 continue
             if f.get("once", False) and not _first_time(markers, f["id"]):
+                continue
+            if f["action"] == "sleep":
+                time.sleep(float(f["seconds"]))
                 continue
             if f["action"] == "raise":
                 raise InjectedFault(f"injected fault {f['id']!r} at iteration {it}")

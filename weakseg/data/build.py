@@ -75,7 +75,7 @@ def train_dataset(cfg: Config) -> Dataset:
         from weakseg.data.imagenet import ImageNetSubset
 
         mapping = Path(d.synset_mapping) if d.synset_mapping else None
-        return ImageNetSubset(Path(d.train_root), transform=tf, mapping=mapping)
+        return ImageNetSubset(Path(d.train_root), transform=tf, mapping=mapping, max_pixels=d.max_pixels)
     from weakseg.data.voc import VOCSegmentation
 
     root = ensure_synthetic(d)
@@ -86,6 +86,7 @@ def train_dataset(cfg: Config) -> Dataset:
         transform=tf,
         labels_file=Path(d.labels_file) if d.labels_file else None,
         sbd_root=Path(d.sbd_root) if d.sbd_root else None,
+        max_pixels=d.max_pixels,
     )
 
 
@@ -95,7 +96,8 @@ def eval_dataset(cfg: Config, split: str | None = None, root: Path | None = None
 
     d = cfg.data
     root = root if root is not None else ensure_synthetic(d)
-    ds = VOCSegmentation(root, split or d.val_split, with_masks=with_masks, transform=eval_transform())
+    ds = VOCSegmentation(root, split or d.val_split, with_masks=with_masks, transform=eval_transform(),
+                         max_pixels=d.max_pixels)
     return ds
 
 

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from weakseg.data.classes import NUM_CLASSES, VOC_CLASSES
-from weakseg.data.voc import read_image
+from weakseg.data.voc import MAX_IMAGE_PIXELS, read_image
 from weakseg.errors import UserError
 
 Item = dict[str, Any]
@@ -84,7 +84,9 @@ class ImageNetSubset(Dataset):
         transform: Callable[[Item], Item] | None = None,
         mapping: Path | None = None,
         strict: bool = False,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
+        self.max_pixels = max_pixels
         self.root = Path(root).expanduser().resolve()
         self.transform = transform
         self.mapping_path = Path(mapping) if mapping is not None else DEFAULT_MAPPING
@@ -139,7 +141,7 @@ class ImageNetSubset(Dataset):
 
     def __getitem__(self, index: int) -> Item:
         path, _ = self.samples[index]
-        item: Item = {"image": read_image(path), "labels": self.labels[index].clone(), "id": self.ids[index]}
+        item: Item = {"image": read_image(path, self.max_pixels), "labels": self.labels[index].clone(), "id": self.ids[index]}
         if self.transform is not None:
             item = self.transform(item)
         return item

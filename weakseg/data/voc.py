@@ -47,10 +47,19 @@ def _listing(items: Sequence[Any]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """An image file as uint8 RGB (3, H, W); a missing, truncated or corrupt file is a UserError."""
+MAX_IMAGE_PIXELS = 40_000_000  # the default of `data.max_pixels`
+
+
+def read_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """An image file as uint8 RGB (3, H, W); a missing, truncated, corrupt or oversized file is a UserError.
+
+    The size is checked from the header, before decoding: a 12500x12500 JPEG is 470 MB as RGB and
+    several GB once transformed, and Pillow only warns below its own (much larger) bomb limit."""
     try:
         with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise UserError(f"image file {path} is {im.width}x{im.height} = {im.width * im.height} pixels, "
+                                f"above the limit of {max_pixels} (data.max_pixels)")
             im.load()  # decode now: a truncated file fails here, not later
             rgb = im.convert("RGB")  # grey, CMYK and palette images exist in the wild
     except FileNotFoundError:
@@ -323,7 +332,9 @@ class VOCSegmentation(Dataset):
         labels_file: Path | None = None,
         sbd_root: Path | None = None,
         with_labels: bool = True,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
+        self.max_pixels = max_pixels
         self.root = resolve_voc_root(root)
         self.split = split
         self.with_masks = bool(with_masks)
@@ -403,7 +414,7 @@ class VOCSegmentation(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> Item:
-        image = read_image(self.image_paths[index])
+        image = read_image(self.image_paths[index], self.max_pixels)
         item: Item = {"image": image, "labels": self.labels[index].clone(), "id": self.ids[index]}
         if self.mask_paths is not None:
             path = self.mask_paths[index]

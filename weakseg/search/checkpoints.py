@@ -34,8 +34,11 @@ def resolve_checkpoint(location: str, cache: Path | None = None) -> Path:
     return path
 
 
-def best_of_search(location: Path) -> str:
-    """The chosen trial's last checkpoint of a finished search: from results/<name>/ (search.json) or its space file."""
+def best_of_search(location: Path, allow_incomplete: bool = False) -> str:
+    """The chosen trial's last checkpoint of a finished search: from results/<name>/ (search.json) or its space file.
+
+    A running search's best checkpoint may be rotated away by Ray at any moment, and an interrupted
+    search's best is not final: both are refused unless `allow_incomplete`."""
     location = Path(location)
     if location.is_file() and location.suffix in (".yaml", ".yml"):
         from weakseg.search.space import load_space
@@ -48,6 +51,13 @@ def best_of_search(location: Path) -> str:
         data = json.loads(summary.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"--best: {summary} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    status = data.get("status", "finished")  # search.json files older than the status field: finished
+    if status != "finished" and not (allow_incomplete and status in ("running", "interrupted")):
+        why = {"running": "is still running (or its driver died): its best checkpoint may change or be deleted",
+               "interrupted": f"was interrupted ({data.get('interrupted_by') or 'a signal'}) and is incomplete",
+               "failed": "has no successful trial"}.get(status, f"has status {status!r}")
+        hint = "; --resume it first, or pass --allow-incomplete" if status in ("running", "interrupted") else ""
+        raise UserError(f"--best: search {data.get('name', location)} {why}{hint}")
     best = data.get("best_checkpoint")
     if not best:
         raise UserError(f"--best: search {data.get('name', location)} has no successful trial")

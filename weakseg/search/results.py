@@ -17,6 +17,8 @@ from __future__ import annotations
 # what one search leaves in results/<search>/ (search.json is written by run.py)
 SUMMARY_FILES = ("trials.csv", "trials.md", "best_config.yaml", "best_checkpoint.txt", "metric_vs_lambda.png",
                  "best_iou.png", "search.json")
+# outcomes that are results (eligible as best); failed, diverged, interrupted (cut by a signal) and pending are not
+OK_OUTCOMES = ("completed", "stopped_early")
 
 import csv
 import io
@@ -34,7 +36,7 @@ from weakseg.io import atomic_write_text, atomic_write_with
 @dataclass
 class TrialRow:
     trial_id: str
-    outcome: str  # completed | stopped_early | failed | diverged | pending
+    outcome: str  # completed | stopped_early | failed | diverged | interrupted | pending
     iterations: int
     final: float  # the metric at the trial's last evaluation: what is ranked and reported (nan: none)
     peak: float  # best value over its evaluations: information only, chosen on val so optimistic
@@ -109,9 +111,10 @@ def sort_rows(rows: list[TrialRow], mode: str) -> list[TrialRow]:
 
 
 def chosen_trial(rows: list[TrialRow], mode: str) -> TrialRow | None:
-    """The trial a search picks: the best final score among trials that did not fail or diverge."""
+    """The trial a search picks: the best final score among trials that completed or were stopped
+    early by the scheduler (never a failed, diverged or interrupted one)."""
     return next((r for r in sort_rows(rows, mode) if not math.isnan(r.final)
-                 and r.outcome not in ("failed", "diverged")), None)
+                 and r.outcome in OK_OUTCOMES), None)
 
 
 def write_summary(
@@ -122,6 +125,7 @@ def write_summary(
     mode: str,
     best_config: Mapping[str, Any] | None,
     title: str,
+    incomplete: str | None = None,
 ) -> Summary:
     """Write the tables, the chosen trial's config and the plots; returns what was written."""
     rows = sort_rows(rows, mode)
@@ -140,8 +144,8 @@ def write_summary(
     files["trials.csv"] = out / "trials.csv"
     atomic_write_text(files["trials.csv"], buf.getvalue())
 
-    md = [f"# {title}", "",
-          f"{len(rows)} trials, sorted by `{metric}` at each trial's last evaluation ({mode}); the chosen "
+    md = [f"# {title}", ""] + ([f"**Incomplete**: {incomplete}.", ""] if incomplete else [])
+    md += [f"{len(rows)} trials, sorted by `{metric}` at each trial's last evaluation ({mode}); the chosen "
           "trial's last checkpoint is the reported model. The peak column is the best of a trial's "
           "evaluations, picked on the same val images: information, not a result.", ""]
     head = ["#", "trial", "outcome", "iters", f"final {metric}", "peak (info)", *param_keys]

@@ -28,6 +28,7 @@ import yaml
 
 import weakseg
 from weakseg.errors import UserError
+from weakseg.search.results import OK_OUTCOMES
 from weakseg.search.space import SearchSpace
 from weakseg.search.trial import TrialSetup, run_trial
 
@@ -42,6 +43,8 @@ class SearchOutcome:
     best_value: float  # the best trial's metric at its last evaluation
     export_path: Path | None = None
     model_uri: str | None = None  # models:/NAME/VERSION of the selected model
+    interrupted: str | None = None  # the signal that stopped the search (SIGINT, SIGTERM); None: it ended
+    trials_ok: int = 0  # trials that completed or were stopped early by the scheduler
 
 
 def code_version() -> str:
@@ -207,13 +210,33 @@ def check_resources(cpu: float, gpu: float) -> None:
 
 
 def run_search(space: SearchSpace, *, resume: bool = False, address: str | None = None,
-               check: bool = True, restart: bool = False) -> SearchOutcome:
+               check: bool = True, restart: bool = False, apply_safe_changes: bool = False) -> SearchOutcome:
+    """Run (or resume) a search while holding its lock: one driver per experiment."""
+    from weakseg.search.lifecycle import SearchLock
+
+    if resume and restart:
+        raise UserError("--resume and --restart contradict each other: pick one")
+    lock = SearchLock(f"{space.settings.storage_path.rstrip('/')}/{space.name}", space.name)
+    lock.acquire()
+    try:
+        return _run_search(space, resume=resume, address=address, check=check, restart=restart,
+                           apply_safe_changes=apply_safe_changes, lock=lock)
+    finally:
+        lock.release()
+
+
+def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check: bool, restart: bool,
+                apply_safe_changes: bool, lock: Any) -> SearchOutcome:
     prepare_local_auth(address)
     # Ray's newer console output prints every reported metric (21 IoUs per line); the classic
     # reporter shows the columns chosen below. Read when ray.tune runs, so set it first.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # every reported checkpoint snapshots the experiment (what makes --resume lose nothing): not a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # a tracking server that is down must fail a call in seconds, not minutes (MLflow retries 7 times with
+    # backoff): the callback buffers failed calls and reports the outage while training goes on
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -224,15 +247,25 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
     from weakseg.search.searcher import EarlyStopAwareOptunaSearch
     from weakseg.search.tracking import SearchRun, quiet_mlflow
 
+    from weakseg.search import lifecycle
+
     s = space.settings
     cfg = space.base_config
-    if resume and restart:
-        raise UserError("--resume and --restart contradict each other: pick one")
     exp_path = f"{s.storage_path.rstrip('/')}/{space.name}"
     restorable = tune.Tuner.can_restore(exp_path)
     previous = restorable or _experiment_exists(exp_path)
     if resume and not restorable:
         raise UserError(f"--resume: no search to resume at {exp_path}")
+    changes: dict = {}
+    if resume:
+        lifecycle.check_state(exp_path)
+        recorded = lifecycle.read_space_record(exp_path)
+        if recorded is None:
+            print(f"note: {exp_path} has no record of the space it started with (an older weakseg); "
+                  "resuming without comparing", flush=True)
+        else:
+            changes = lifecycle.check_space_changes(
+                lifecycle.space_changes(recorded, lifecycle.space_record(space)), apply_safe_changes, space)
     if previous and not (resume or restart):
         raise UserError(
             f"a search named {space.name!r} already exists at {exp_path}: "
@@ -245,6 +278,11 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
     if target:
         probe_address(target)
     check_reachable(space.tracking_uri)  # before Ray starts: an unreachable server fails in a second
+    if "://" not in s.storage_path:  # checkpoints go there: a search that would fill the disk does not start
+        from weakseg.io import check_free_space
+
+        Path(s.storage_path).mkdir(parents=True, exist_ok=True)
+        check_free_space(Path(s.storage_path), 256 << 20, f"the search's checkpoints (settings.storage_path)")
     init_ray(address)
     if check:
         check_resources(s.resources.cpu, s.resources.gpu)
@@ -274,6 +312,9 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
             code_version=code_version(),
             data=fingerprint(cfg),
         )
+        for key, (before, after) in changes.items():  # MLflow params are immutable: the change is a tag
+            parent.tag(f"weakseg.resumed.{key}", f"{before} -> {after}")
+    _write_search_json(space, parent, "running")  # export-voc --best refuses a running search
     print(plan(space), flush=True)
     print(f"MLflow parent run {parent.run_id}", flush=True)
 
@@ -284,9 +325,22 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
     )
     full = space.full_iterations
     started = time.time()
+    from weakseg.search.lifecycle import Interruption
+
     try:
         if resume:
-            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+            try:
+                tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                           resume_errored=False)
+            except Exception as e:  # a truncated or foreign tuner.pkl: one line, no fresh search
+                raise UserError(f"--resume: the search state at {exp_path} cannot be restored "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+                                "--restart starts it over (MLflow keeps its runs)") from None
+            callback = _mlflow_callback_of(tuner)
+            if "settings.samples" in changes:
+                from weakseg.search.searcher import resize_restored_search
+
+                resize_restored_search(tuner, s.samples)
         else:
             searcher = EarlyStopAwareOptunaSearch(
                 space=space.optuna_space(), metric=s.metric, mode=s.mode, sampler=_sampler(space),
@@ -299,6 +353,7 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
                 )
             else:
                 scheduler = FIFOScheduler()
+            callback = MlflowCallback(parent, space.base_values(), full)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
@@ -314,7 +369,7 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
                     # only the latest checkpoint: the one a trial's final score is of (what the search
                     # reports and exports) and the one a retry resumes from; none is picked on val
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    callbacks=[MlflowCallback(parent, space.base_values(), full)],
+                    callbacks=[callback],
                     progress_reporter=tune.CLIReporter(
                         metric_columns={"iteration": "iter", s.metric: s.metric, "train/loss": "loss"},
                         parameter_columns=[p.key for p in space.params],
@@ -326,13 +381,73 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
                     verbose=1,
                 ),
             )
-        grid = tuner.fit()
-    except KeyboardInterrupt:
+            lifecycle.write_space_record(exp_path, space)  # the Tuner has created the experiment folder
+        with Interruption(lambda sig: _abandon(space, parent, sig, lock)) as interruption:
+            grid = tuner.fit()
+    except KeyboardInterrupt:  # a second signal: no summary, the parent run says so
         with quiet_mlflow():
+            parent.tag("weakseg.outcome", "interrupted")
             parent.finish("KILLED", {}, {})
-        print(f"\ninterrupted: continue with  weakseg search {space.path} --resume", file=sys.stderr)
         raise
-    return _finish(space, parent, grid, time.time() - started)
+    if changes:
+        lifecycle.write_space_record(exp_path, space)  # the applied changes are now the search's space
+    unfinished = set()
+    if interruption.signal:  # trials Tune had not finished when the signal came: cut, to be resumed
+        unfinished = {t for t, st in callback.status.items() if st not in ("TERMINATED", "ERROR")}
+    try:
+        return _finish(space, parent, grid, time.time() - started, interruption.signal, unfinished)
+    except UserError as e:  # e.g. no space left for the summaries: the parent run must not stay RUNNING
+        import contextlib
+
+        with quiet_mlflow(), contextlib.suppress(Exception):
+            parent.tag("weakseg.error", str(e))
+            parent.finish("FAILED", {}, {})
+        raise
+
+
+def _abandon(space: SearchSpace, parent: Any, signal_name: str, lock: Any) -> None:
+    """The last acts of a driver whose Ray is gone: no run left RUNNING, the status written, the lock freed."""
+    import contextlib
+    import shlex
+
+    from weakseg.search.tracking import quiet_mlflow
+
+    with quiet_mlflow(), contextlib.suppress(Exception):
+        for trial_id, run in parent.children().items():
+            if run.info.status == "RUNNING":
+                parent.close_child(trial_id, "KILLED", "interrupted", error=f"interrupted by {signal_name}")
+        parent.tag("weakseg.outcome", "interrupted")
+        parent.tag("weakseg.error", f"interrupted by {signal_name}")
+        parent.finish("KILLED", {}, {})
+    with contextlib.suppress(Exception):
+        _write_search_json(space, parent, "interrupted", interrupted_by=signal_name)
+    lock.release()
+    print(f"weakseg search: interrupted by {signal_name}: the search is incomplete; continue it with\n"
+          f"  weakseg search {shlex.quote(str(space.path))} --resume", file=sys.stderr, flush=True)
+
+
+def _mlflow_callback_of(tuner: Any) -> Any:
+    """The MlflowCallback restored with the Tuner (Ray pickles the run config, callbacks included)."""
+    from weakseg.search.callbacks import MlflowCallback
+
+    callbacks = tuner._local_tuner._run_config.callbacks or []  # private, as Tuner.restore has no setter
+    found = [c for c in callbacks if isinstance(c, MlflowCallback)]
+    if not found:
+        raise UserError("--resume: the restored search has no weakseg MLflow callback (not a weakseg search?)")
+    return found[0]
+
+
+def _write_search_json(space: SearchSpace, parent: Any, status: str, **fields: Any) -> None:
+    """results/<name>/search.json: what the search is (status running | finished | interrupted | failed)."""
+    from weakseg.io import atomic_write_text
+
+    s = space.settings
+    atomic_write_text(space.results_dir / "search.json", json.dumps({
+        "name": space.name, "space": str(space.path), "tracking_uri": space.tracking_uri,
+        "experiment": space.experiment, "parent_run_id": parent.run_id, "storage": f"{s.storage_path}/{space.name}",
+        "status": status, "complete": status == "finished",
+        "best_trial": None, "best_value": None, "best_checkpoint": None, **fields,
+    }, indent=2) + "\n")
 
 
 def _experiment_fs(exp_path: str):
@@ -380,33 +495,37 @@ def _settings_params(space: SearchSpace) -> dict[str, Any]:
     return out
 
 
-def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float) -> SearchOutcome:
+def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float, interrupted: str | None = None,
+            unfinished: set[str] = frozenset()) -> SearchOutcome:
     from weakseg.config import build_config, mapping_settings
     from weakseg.search.results import chosen_trial, rows_from_results, write_summary
     from weakseg.search.tracking import quiet_mlflow
 
     s = space.settings
     rows = rows_from_results(grid, s.metric, s.mode, space.full_iterations)
+    for r in rows:
+        if r.trial_id in unfinished:  # cut by the signal, not stopped early: never a result, never the best
+            r.outcome = "interrupted"
     best_cfg = None
     top = chosen_trial(rows, s.mode)
     if top is not None:
         best_cfg = build_config(mapping_settings({**space.base_values(), **top.params}, "best", None)).to_dict()
+    incomplete = (f"interrupted by {interrupted}: resume with `weakseg search {space.path} --resume`"
+                  if interrupted else None)
     summary = write_summary(rows, space.results_dir, metric=s.metric, mode=s.mode, best_config=best_cfg,
-                            title=f"Search `{space.name}`")
-    timing = {"search_seconds": seconds, "trials": len(rows)}
-    from weakseg.io import atomic_write_text
-
-    atomic_write_text(space.results_dir / "search.json", json.dumps({
-        "name": space.name, "space": str(space.path), "tracking_uri": space.tracking_uri,
-        "experiment": space.experiment, "parent_run_id": parent.run_id, "storage": f"{s.storage_path}/{space.name}",
-        "best_trial": summary.best.trial_id if summary.best else None,
+                            title=f"Search `{space.name}`", incomplete=incomplete)
+    ok = sum(r.outcome in OK_OUTCOMES for r in rows)
+    status = "interrupted" if interrupted else ("finished" if ok else "failed")
+    _write_search_json(
+        space, parent, status, interrupted_by=interrupted,
+        best_trial=summary.best.trial_id if summary.best else None,
         # the chosen trial's last evaluation and last checkpoint (trials ranked by their final score)
-        "best_value": summary.best.final if summary.best else None,
-        "best_checkpoint": summary.best.checkpoint if summary.best else None,
-        "selection": "trials ranked by the metric at their last evaluation; the reported model is the "
-                     "chosen trial's last checkpoint",
-        **timing,
-    }, indent=2) + "\n")
+        best_value=summary.best.final if summary.best else None,
+        best_checkpoint=summary.best.checkpoint if summary.best else None,
+        selection="trials ranked by the metric at their last evaluation; the reported model is the "
+                  "chosen trial's last checkpoint",
+        search_seconds=seconds, trials=len(rows), trials_ok=ok,
+    )
     best = summary.best
     metrics = {}
     if best is not None:
@@ -415,13 +534,19 @@ def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float) -> Searc
     metrics["trials"] = float(len(rows))
     metrics["trials_failed"] = float(sum(r.outcome in ("failed", "diverged") for r in rows))
     with quiet_mlflow():
-        _reconcile_children(parent, rows)
+        _reconcile_children(parent, rows, interrupted)
         parent.tag_checkpoints({r.trial_id: r.checkpoint for r in rows if r.checkpoint},
                                best.checkpoint if best is not None else None)
-        model_uri = _log_model(space, parent, best)
-        parent.finish("FINISHED", metrics, summary.files)
+        if interrupted:
+            parent.tag("weakseg.outcome", "interrupted")
+            parent.tag("weakseg.error", f"interrupted by {interrupted}")
+        elif not ok:
+            parent.tag("weakseg.outcome", "failed")
+            parent.tag("weakseg.error", "no trial succeeded")
+        model_uri = None if interrupted else _log_model(space, parent, best)
+        parent.finish("KILLED" if interrupted else ("FINISHED" if ok else "FAILED"), metrics, summary.files)
     export_path = None
-    if space.export is not None and best is not None:
+    if space.export is not None and best is not None and not interrupted:
         from weakseg.export import export_voc, upload_instructions
         from weakseg.search.checkpoints import resolve_checkpoint
 
@@ -435,7 +560,8 @@ def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float) -> Searc
                                  split=split, crf=crf, force=True)
         print(upload_instructions(export_path, _count_ids(export_path), split))
     return SearchOutcome(space.results_dir, space.tracking_uri, space.experiment, parent.run_id,
-                         best.trial_id if best else None, best.final if best else math.nan, export_path, model_uri)
+                         best.trial_id if best else None, best.final if best else math.nan, export_path, model_uri,
+                         interrupted, ok)
 
 
 def _log_model(space: SearchSpace, parent: Any, best: Any) -> str | None:
@@ -456,13 +582,16 @@ def _count_ids(archive: Path) -> int:
         return sum(1 for m in tar.getmembers() if m.name.endswith(".png"))
 
 
-def _reconcile_children(parent: Any, rows: list) -> None:
-    """No child run stays RUNNING: close any the callbacks missed (e.g. after a driver crash)."""
+def _reconcile_children(parent: Any, rows: list, interrupted: str | None = None) -> None:
+    """No child run stays RUNNING: close any the callbacks missed (e.g. after a driver crash or a signal)."""
     by_id = {r.trial_id: r for r in rows}
     for trial_id, run in parent.children().items():
+        row = by_id.get(trial_id)
+        if row is not None and row.outcome == "interrupted":  # also one Tune closed as if it had finished
+            parent.close_child(trial_id, "KILLED", "interrupted", error=f"interrupted by {interrupted}")
+            continue
         if run.info.status != "RUNNING":
             continue
-        row = by_id.get(trial_id)
         if row is None:
             # started by a driver that died before saving it: the resumed search never had this trial
             parent.close_child(trial_id, "KILLED", "abandoned", role="abandoned")

@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from optuna.trial import TrialState
+from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 logger = logging.getLogger(__name__)
@@ -50,3 +51,27 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
             # and stop() raises outside study.optimize(), after the trial's state has been stored
             logger.warning("Optuna could not record trial %s as %s: %s", trial_id, state.name, e)
         self._completed_trials.add(trial_id)
+
+
+
+class ResizedSearchGenerator(SearchGenerator):
+    """Ray's search generator with a new trial budget that survives its own state restore."""
+
+    def __init__(self, searcher: Any, samples: int):
+        super().__init__(searcher)
+        self.samples = samples
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._total_samples = self.samples
+        self._finished = self._counter >= self.samples
+
+
+def resize_restored_search(tuner: Any, samples: int) -> None:
+    """`--resume --apply-safe-changes` with more samples: Ray restores the trial budget from its saved search
+    state, so the restored search algorithm is wrapped in a generator that overrides it after restoring."""
+    internal = tuner._local_tuner  # private: Tuner.restore takes no new TuneConfig
+    search_alg = internal._tune_config.search_alg
+    if isinstance(search_alg, SearchGenerator):
+        search_alg = search_alg.searcher
+    internal._tune_config.search_alg = ResizedSearchGenerator(search_alg, samples)

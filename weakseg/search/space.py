@@ -30,6 +30,9 @@
 Everything is checked before Ray starts: unknown keys, parameter names that are
 not training-config keys, bad bounds and types each stop the search with the
 file, line and key at fault. Relative paths are resolved against the file.
+Bounds that keep a broken or hostile file from taking the machine down: at most 1 MiB, 100 000 YAML
+nodes once aliases are expanded, no key repeated in a mapping (config.load_yaml), 1000 values per
+`choice`, seeds in [0, 2**32 - 1].
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from weakseg.config import (
+    MAX_SEED,
     Config,
     ConfigError,
     Setting,
@@ -62,6 +66,7 @@ SETTINGS_KEYS = (
     "storage_path", "results_dir", "mlflow",
 )
 METRICS = ("val/miou", "val/boundary_iou", "val/pixel_acc")
+MAX_CHOICES = 1000  # values of one `choice` list: a search samples tens of trials, not millions
 
 
 @dataclass(frozen=True)
@@ -343,6 +348,8 @@ def _parse_param(key: str, spec: Any, loc: _Loc, keys: dict, earlier: list[str])
     if kind == "choice":
         if not isinstance(arg, list) or len(arg) < 1:
             raise loc.error(f"{where}.choice", "must be a non-empty list")
+        if len(arg) > MAX_CHOICES:
+            raise loc.error(f"{where}.choice", f"has {len(arg)} values; at most {MAX_CHOICES} are allowed")
         if len(set(map(repr, arg))) != len(arg):
             raise loc.error(f"{where}.choice", "has repeated values")
         if allowed is not None:
@@ -424,6 +431,8 @@ def _parse_settings(raw: Any, loc: _Loc, path: Path) -> Settings:
     max_concurrent = integer("max_concurrent", 1, 1)
     max_failures = integer("max_failures", 1, 0)
     seed = integer("seed", 0, 0)
+    if seed > MAX_SEED:
+        raise loc.error("settings.seed", f"must lie in [0, {MAX_SEED}] (got {seed})")
     metric = raw.get("metric", "val/miou")
     if not isinstance(metric, str) or not (metric in METRICS or metric.startswith("val/iou/")):
         raise loc.error("settings.metric", f"must be one of {', '.join(METRICS)} or val/iou/<class> (got {metric!r})")

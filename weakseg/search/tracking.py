@@ -316,6 +316,11 @@ class SearchRun:
                 retry(lambda: client.set_terminated(rid, status="KILLED"), "closing a run of the previous search")
         return old
 
+    def tag(self, key: str, value: str) -> None:
+        """Set a tag on the search run (e.g. how it ended, what --resume changed)."""
+        client = _client(self.uri)
+        retry(lambda: client.set_tag(self.run_id, key, value[:5000]), "tagging the search run")
+
     def children(self) -> dict[str, Any]:
         """trial id -> child run (one per trial, by construction)."""
         client = _client(self.uri)
