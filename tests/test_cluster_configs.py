@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from weakseg.errors import UserError
-from weakseg.search.cluster import free_port, validate_cluster_config
+from weakseg.cluster.local import free_port
+from weakseg.cluster.validate import validate_cluster_config
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 SHIPPED = ["aws.yaml", "gcp.yaml", "onprem.yaml", "kuberay.yaml"]
@@ -317,7 +318,7 @@ def test_cloud_config_must_declare_node_types(tmp_path: Path):
 
 
 def test_local_cluster_refuses_a_root_too_long_for_ray_sockets(tmp_path: Path):
-    from weakseg.search.cluster import LocalCluster
+    from weakseg.cluster.local import LocalCluster
 
     root = tmp_path / ("x" * 80)
     with pytest.raises(UserError, match="path too long"):

@@ -245,7 +245,7 @@ def cmd_export_voc(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_validate(args: argparse.Namespace) -> int:
-    from weakseg.search.cluster import validate_cluster_config
+    from weakseg.cluster.validate import validate_cluster_config
 
     for f in args.files:
         print(validate_cluster_config(Path(f)))
