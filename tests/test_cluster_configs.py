@@ -274,15 +274,15 @@ def test_kuberay_start_params_must_be_strings(tmp_path: Path):
           r"must be quoted")
 
 
-def test_kuberay_worker_without_auth_mode(tmp_path: Path):
+def test_kuberay_without_auth_options(tmp_path: Path):
     text = (CLUSTER / "kuberay.yaml").read_text()
-    block = "                - name: RAY_AUTH_MODE\n                  value: token\n"
+    block = "  authOptions:\n    mode: token\n    secretName: weakseg-ray-token\n"
     assert text.count(block) == 1
     path = tmp_path / "kuberay.yaml"
     path.write_text(text.replace(block, ""))
     new = path.read_text()
-    fails(path, line_of(new, "env:", after="name: ray-worker"),
-          r"spec.workerGroupSpecs\[0\].template.spec.containers\[0\].env", r"set RAY_AUTH_MODE explicitly")
+    fails(path, line_of(new, "- name: ray-head"),
+          r"spec.headGroupSpec.template.spec.containers\[0\]", r"spec.authOptions")
 
 
 def test_kuberay_exposed_head_and_dashboard(tmp_path: Path):
