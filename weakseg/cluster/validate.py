@@ -29,6 +29,10 @@ import logging
 import math
 import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
@@ -61,17 +65,12 @@ EXTRA_PROVIDER_KEYS = (
     "coordinator_address", "external_head_ip", "use_external_head_ip", "key_pair", "disable_launch_config_check",
     "foreground_node_launch", "worker_rpc_drain", "use_node_id_as_ip", "launch_multiple",
 )
-# KubeRay ray.io/v1 fields (v1.6), for the strict key check of a RayCluster manifest.
-KUBERAY_TOP = ("apiVersion", "kind", "metadata", "spec")
-KUBERAY_SPEC = (
-    "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headServiceAnnotations", "headGroupSpec",
-    "workerGroupSpecs", "suspend", "managedBy", "gcsFaultToleranceOptions", "authOptions", "upgradeStrategy",
-)
-KUBERAY_HEAD = ("rayStartParams", "template", "serviceType", "headService", "enableIngress", "resources", "labels")
-KUBERAY_GROUP = (
-    "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "numOfHosts", "rayStartParams",
-    "template", "scaleStrategy", "suspend", "resources", "labels",
-)
+PLACEHOLDER = re.compile(r"<your-[^<>\s]*>")
+# Images on which the pinned torch (CUDA 13 build: glibc >= 2.28, NVIDIA driver >= 580) cannot run.
+OLD_DRIVER = 580
+SCHEMAS = Path(__file__).parent / "schemas"
+# Fields KubeRay renamed: the CRD schema alone would only say "unknown".
+KUBERAY_RENAMED = {"networkIsolation": "networkPolicy (renamed in KubeRay v1.7.0)"}
 
 
 # ------------------------------------------------------------------------------ YAML with line numbers
@@ -162,10 +161,13 @@ def _typo_keys(doc: _Doc, mapping: dict, path: KeyPath, known: tuple[str, ...] |
 # ------------------------------------------------------------------------------ validation
 
 
-def validate_cluster_config(path: Path) -> str:
+def validate_cluster_config(path: Path, *, strict: bool = False, checkout: Path | None = None) -> str:
     """Check a `ray up` config or a KubeRay RayCluster manifest; return a one-line summary.
 
     Raises `UserError` naming the file, line and key at fault. Needs no cloud credentials and no network.
+    `<your-...>` placeholders are what a user fills in: reported in the summary, and errors with
+    `strict` (before a launch). `checkout` is the folder `ray up` would sync for "." (default: the
+    repository holding the config); its sync is replayed with the config's own rsync rules.
     """
     path = Path(path)
     docs = _read_docs(path)
@@ -173,17 +175,102 @@ def validate_cluster_config(path: Path) -> str:
         raise UserError(f"{path}:1: empty file: expected a `ray up` config or a KubeRay RayCluster manifest")
     first = docs[0]
     if isinstance(first.data, dict) and ("apiVersion" in first.data or "kind" in first.data):
-        return _validate_kuberay(path, docs)
-    if len(docs) > 1:
-        raise UserError(f"{path}:{docs[1].line(())}: a `ray up` config is a single YAML document")
-    if not isinstance(first.data, dict):
-        first.fail((), "a cluster config must be a mapping of keys to values")
-    if "provider" not in first.data:
-        close = difflib.get_close_matches("provider", [str(k) for k in first.data], n=1, cutoff=0.6)
-        if close:
-            first.fail((close[0],), "unknown key; did you mean provider?")
-        first.fail((), "missing `provider` (a `ray up` config) and `apiVersion`/`kind` (a KubeRay manifest)")
-    return _validate_launcher(first)
+        summary = _validate_kuberay(path, docs)
+    else:
+        if len(docs) > 1:
+            raise UserError(f"{path}:{docs[1].line(())}: a `ray up` config is a single YAML document")
+        if not isinstance(first.data, dict):
+            first.fail((), "a cluster config must be a mapping of keys to values")
+        if "provider" not in first.data:
+            close = difflib.get_close_matches("provider", [str(k) for k in first.data], n=1, cutoff=0.6)
+            if close:
+                first.fail((close[0],), "unknown key; did you mean provider?")
+            first.fail((), "missing `provider` (a `ray up` config) and `apiVersion`/`kind` (a KubeRay manifest)")
+        summary = _validate_launcher(first)
+        summary += "; " + check_sync(first, checkout)
+    return summary + "; " + _placeholders(path, strict)
+
+
+def _placeholders(path: Path, strict: bool) -> str:
+    """`<your-...>` left in (comments aside): an error with `strict`, else a note in the summary."""
+    found = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        code = line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
+        found += [(n, m.group()) for m in PLACEHOLDER.finditer(code)]
+    if not found:
+        return "no placeholders"
+    if strict:
+        n, ph = found[0]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise UserError(f"{path}:{n}: {ph} is a placeholder: fill it in before launching{more}")
+    names = sorted({ph for _, ph in found})
+    return f"{len(found)} placeholder(s) to fill before launching ({', '.join(names)}; --strict fails on them)"
+
+
+def _checkout_of(path: Path) -> Path | None:
+    """The repository a shipped config lives in (the folder with pyproject.toml and weakseg/)."""
+    for d in Path(path).resolve().parents:
+        if (d / "pyproject.toml").is_file() and (d / "weakseg" / "__init__.py").is_file():
+            return d
+    return None
+
+
+def check_sync(doc: _Doc, checkout: Path | None = None) -> str:
+    """Replay `ray up`'s sync of the checkout with the config's own rsync rules, then import the copy.
+
+    Ray hands every rsync_exclude entry to rsync as `--exclude PATTERN` and every rsync_filter as
+    `--filter 'dir-merge,- FILE'`; an unanchored "data" then also drops weakseg/data/. The copy must
+    hold every file of the package and import every module.
+    """
+    cfg = doc.data
+    mounts = cfg.get("file_mounts") or {}
+    local = [r for r, src in mounts.items() if isinstance(src, str) and src.rstrip("/") in (".", "./")]
+    if not local:
+        return "checkout not synced by file_mounts"
+    checkout = Path(checkout) if checkout is not None else _checkout_of(doc.file)
+    if checkout is None:
+        return "sync not replayed (no weakseg checkout around the config)"
+    rsync = shutil.which("rsync")
+    if rsync is None:
+        return "sync not replayed (no rsync on this machine)"
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    rules = SSHCommandRunner._create_rsync_filter_args(
+        None, {"rsync_exclude": cfg.get("rsync_exclude"), "rsync_filter": cfg.get("rsync_filter")})
+    with tempfile.TemporaryDirectory(prefix="weakseg-sync-") as tmp:
+        out = subprocess.run([rsync, "-a", *rules, f"{checkout}/", f"{tmp}/"], capture_output=True, text=True)
+        key = ("rsync_exclude",) if "rsync_exclude" in cfg else ("file_mounts",)
+        if out.returncode != 0:
+            doc.fail(key, f"rsync with these rules fails: {out.stderr.strip()[:300]}")
+        pkg = checkout / "weakseg"
+        want = {p.relative_to(checkout) for p in pkg.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+        got = {p.relative_to(tmp) for p in (Path(tmp) / "weakseg").rglob("*") if p.is_file()}
+        lost = sorted(str(p) for p in want - got)
+        if lost:
+            doc.fail(key, f"the synced checkout loses {len(lost)} file(s) of the package, e.g. {lost[0]}: anchor "
+                          'the pattern that matches it ("/data", not "data")')
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        env["OMP_NUM_THREADS"] = "1"
+        res = subprocess.run([sys.executable, "-c", _IMPORT_ALL, tmp], capture_output=True, text=True, env=env,
+                             cwd=tmp, timeout=600)
+        if res.returncode != 0:
+            doc.fail(key, f"the synced checkout does not import: {res.stderr.strip().splitlines()[-1][:300]}")
+        n = int(res.stdout.split()[-1])
+    return f"synced checkout imports ({n} modules)"
+
+
+# Imports every module of the synced copy, from the copy only; prints how many.
+_IMPORT_ALL = """
+import importlib, pkgutil, sys
+root = sys.argv[1]
+sys.path.insert(0, root)
+import weakseg
+assert weakseg.__file__.startswith(root), weakseg.__file__
+names = [m.name for m in pkgutil.walk_packages(weakseg.__path__, "weakseg.") if not m.name.endswith(".__main__")]
+for name in names:
+    importlib.import_module(name)
+print(len(names) + 1)
+"""
 
 
 def _ray_schema() -> dict:
@@ -259,6 +346,7 @@ def _validate_launcher(doc: _Doc) -> str:
         head_res, worker_res = _check_local(doc, prepared)
     else:
         _check_node_types(doc, cfg, ptype)
+    _check_images(doc, cfg, ptype)
     auth = _check_auth(doc, cfg, prepared)
     dash = _check_dashboard(doc, prepared)
     mlflow = _check_mlflow(doc, prepared)
@@ -336,6 +424,47 @@ def _check_node_types(doc: _Doc, cfg: dict, ptype: str) -> None:
             if not any(isinstance(s, dict) and s.get("onHostMaintenance") == "TERMINATE" for s in items):
                 doc.fail(base + ("node_config", "scheduling") if "scheduling" in nc else base + ("node_config",),
                          "GPU VMs cannot live-migrate: set scheduling.onHostMaintenance: TERMINATE")
+
+
+def _check_images(doc: _Doc, cfg: dict, ptype: str) -> None:
+    """Images known not to run the pinned torch (CUDA 13 build: glibc >= 2.28, NVIDIA driver >= 580)."""
+    for name, nt in (cfg.get("available_node_types") or {}).items():
+        nc = nt.get("node_config") or {}
+        base = ("available_node_types", name, "node_config")
+        if ptype == "aws":
+            ami = str(nc.get("ImageId", "")).strip()
+            if ami.lower() in ("", "latest_dlami"):
+                doc.fail(base + ("ImageId",) if "ImageId" in nc else base,
+                         f"{ami or 'no ImageId'}: Ray 2.60 resolves this to an Ubuntu 18.04 Deep Learning AMI "
+                         "(glibc 2.27, CUDA 11) on which the pinned torch does not install; use a current Ubuntu "
+                         "22.04/24.04 DLAMI, e.g. resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
+                         "base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id")
+        elif ptype == "gcp":
+            for i, disk in enumerate(nc.get("disks") or []):
+                image = str(((disk or {}).get("initializeParams") or {}).get("sourceImage", ""))
+                driver = re.search(r"nvidia-(\d{3})\b", image)
+                old_os = re.search(r"ubuntu-(1604|1804)|debian-(9|10)\b", image)
+                if (driver and int(driver.group(1)) < OLD_DRIVER) or old_os:
+                    doc.fail(base + ("disks", i, "initializeParams", "sourceImage"),
+                             f"{image.rsplit('/', 1)[-1]}: the pinned torch's CUDA 13 build needs NVIDIA driver >= "
+                             f"{OLD_DRIVER} and glibc >= 2.28; pick a current Deep Learning VM family "
+                             "(cluster/README.md, section 2)")
+    docker = cfg.get("docker") or {}
+    for key in ("image", "head_image", "worker_image"):
+        image = docker.get(key)
+        if isinstance(image, str) and image:
+            _check_ray_image(doc, ("docker", key), image)
+
+
+def _check_ray_image(doc: _Doc, where: KeyPath, image: str) -> None:
+    """A rayproject/ray image must be tagged with this Ray's version (`ray up`/`job submit` need the same Ray)."""
+    import ray
+
+    repo, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
+    if repo.split("/")[-1] == "ray" and repo.rsplit("/", 1)[0].endswith("rayproject"):
+        if tag == "latest" or not tag.startswith(ray.__version__ + "-") and tag != ray.__version__:
+            doc.fail(where, f"{image}: use a rayproject/ray tag of Ray {ray.__version__} (the version here and "
+                            f"in cluster/constraints.txt), e.g. rayproject/ray:{ray.__version__}-py311-gpu")
 
 
 def _check_resources_declared(doc: _Doc, types: dict) -> None:
@@ -495,6 +624,57 @@ def _quantity(v: Any) -> float:
         return math.nan
 
 
+def _strict(schema: Any) -> Any:
+    """The CRD schema with undeclared fields rejected, as the API server does under kubectl's strict
+    field validation (the CRD itself prunes them silently)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def _crd_schema() -> dict:
+    return _strict(json.loads((SCHEMAS / "ray.io_rayclusters.v1.json").read_text()))
+
+
+def _check_crd_schema(doc: _Doc) -> None:
+    """The RayCluster against KubeRay's own CRD schema (vendored, see weakseg/cluster/schemas/README.md)."""
+    import jsonschema
+
+    schema = _crd_schema()
+    # Unknown fields first: a misspelt key also shows up as a missing required one.
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc.data),
+                    key=lambda e: (e.validator != "additionalProperties", [str(p) for p in e.absolute_path]))
+    if not errors:
+        return
+    e = errors[0]
+    where = tuple(e.absolute_path)
+    if e.validator == "additionalProperties":
+        sub = schema
+        for p in where:
+            sub = sub.get("items", {}) if isinstance(p, int) else sub.get("properties", {}).get(p, {})
+        known = list(sub.get("properties", {}))
+        node = doc.data
+        for p in where:
+            node = node[p]
+        unknown = [k for k in node if k not in known]
+        key = unknown[0] if unknown else "?"
+        hint = KUBERAY_RENAMED.get(key) if where == ("spec",) else None
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        msg = f"unknown field (KubeRay v1.7 RayCluster CRD)" + (
+            f"; now {hint}" if hint else f"; did you mean {close[0]}?" if close else "")
+        doc.fail(where + (key,), msg)
+    hint = ""
+    if e.validator == "type" and e.validator_value == "string" and not isinstance(e.instance, (dict, list)):
+        hint = f'; must be quoted, e.g. "{e.instance}"'
+    doc.fail(where, f"{e.message} (KubeRay v1.7 RayCluster CRD){hint}")
+
+
 def _validate_kuberay(path: Path, docs: list[_Doc]) -> str:
     clusters = []
     for d in docs:
@@ -506,22 +686,20 @@ def _validate_kuberay(path: Path, docs: list[_Doc]) -> str:
         raise UserError(f"{path}:1: expected exactly one `kind: RayCluster` document, found {len(clusters)}")
     doc = clusters[0]
     rc = doc.data
-    _check_keys(doc, rc, (), KUBERAY_TOP)
     if rc["apiVersion"] != "ray.io/v1":
         doc.fail(("apiVersion",), f"{rc['apiVersion']!r}: KubeRay >= 1.0 serves ray.io/v1 (v1alpha1 is gone)")
+    _check_crd_schema(doc)
     name = (rc.get("metadata") or {}).get("name")
     if not isinstance(name, str) or not name:
         doc.fail(("metadata",), "needs metadata.name")
     spec = rc.get("spec")
     if not isinstance(spec, dict):
         doc.fail(("spec",), "needs a spec with headGroupSpec and workerGroupSpecs")
-    _check_keys(doc, spec, ("spec",), KUBERAY_SPEC)
     auth_opt = (spec.get("authOptions") or {}).get("mode")
     if "headGroupSpec" not in spec:
         doc.fail(("spec",), "needs headGroupSpec")
     head = spec["headGroupSpec"]
     hp = ("spec", "headGroupSpec")
-    _check_keys(doc, head, hp, KUBERAY_HEAD)
     if head.get("serviceType", "ClusterIP") != "ClusterIP":
         doc.fail(hp + ("serviceType",), f"{head['serviceType']} exposes the head outside the Kubernetes cluster: "
                                         "use ClusterIP and `kubectl port-forward`")
@@ -551,7 +729,6 @@ def _validate_kuberay(path: Path, docs: list[_Doc]) -> str:
     summary_groups = []
     for g_i, g in enumerate(groups):
         gp = ("spec", "workerGroupSpecs", g_i)
-        _check_keys(doc, g, gp, KUBERAY_GROUP)
         if not isinstance(g.get("groupName"), str):
             doc.fail(gp, "needs groupName")
         lo, hi = g.get("minReplicas", 0), g.get("maxReplicas", 2**31 - 1)
@@ -600,6 +777,7 @@ def _group_resources(doc: _Doc, group: dict, gp: KeyPath, params: dict[str, str]
     cp = tp + ("spec", "containers", 0)
     if not c.get("image"):
         doc.fail(cp, "the Ray container needs an image (weakseg's, see cluster/Dockerfile)")
+    _check_ray_image(doc, cp + ("image",), str(c["image"]))
     limits = (c.get("resources") or {}).get("limits")
     if not isinstance(limits, dict):
         doc.fail(cp + ("resources",) if "resources" in c else cp,
