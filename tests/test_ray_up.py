@@ -104,12 +104,13 @@ def _can_unshare() -> bool:
 
 
 def _from_home() -> list[str]:
-    """Top-level entries of the real home that hold this test's Python (a pyenv build under ~/.pyenv)."""
-    out = []
+    """The folders under the real home that hold this test's Python (a pyenv build, a venv), relative to it:
+    the namespaces mount exactly these through (never a whole top-level folder such as a checkout)."""
+    out = set()
     for p in {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}:
         with contextlib.suppress(ValueError):
-            out.append(p.relative_to(Path(NODE_HOME).resolve()).parts[0])
-    return sorted(set(out))
+            out.add(str(p.relative_to(Path(NODE_HOME).resolve())))
+    return sorted((p for p in out if not any(p != q and p.startswith(q + "/") for q in out)), key=len)
 
 
 def _node_venv(venv: Path) -> None:

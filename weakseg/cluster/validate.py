@@ -15,7 +15,17 @@ bounds), then through what weakseg needs on top:
 - `RAY_AUTH_MODE` set explicitly in every `ray start`, with the token reaching
   every node (Ray 2.60 switches token auth on implicitly in some paths only);
 - the Ray dashboard and the MLflow server bound to 127.0.0.1 (reached through
-  SSH port forwarding), and no security rule open to 0.0.0.0/0.
+  SSH port forwarding), and no security rule open to 0.0.0.0/0;
+- the sync `ray up` does, replayed with the config's own rsync rules into a
+  temporary folder, must keep every file of the package and import (an
+  unanchored "data" also drops weakseg/data/);
+- no image known not to run the pinned torch (Ray's `latest_dlami`, old
+  drivers, another Ray's rayproject/ray tag);
+- `<your-...>` placeholders listed, and errors with `strict`.
+
+KubeRay manifests are checked against the RayCluster CRD's own OpenAPI schema
+(vendored from KubeRay v1.7.0 in schemas/), undeclared fields being errors, then
+for the same security and resource rules.
 """
 
 from __future__ import annotations
@@ -187,7 +197,7 @@ def validate_cluster_config(path: Path, *, strict: bool = False, checkout: Path 
                 first.fail((close[0],), "unknown key; did you mean provider?")
             first.fail((), "missing `provider` (a `ray up` config) and `apiVersion`/`kind` (a KubeRay manifest)")
         summary = _validate_launcher(first)
-        summary += "; " + check_sync(first, checkout)
+        summary += "; " + _check_sync(first, checkout)
     return summary + "; " + _placeholders(path, strict)
 
 
@@ -215,7 +225,7 @@ def _checkout_of(path: Path) -> Path | None:
     return None
 
 
-def check_sync(doc: _Doc, checkout: Path | None = None) -> str:
+def _check_sync(doc: _Doc, checkout: Path | None = None) -> str:
     """Replay `ray up`'s sync of the checkout with the config's own rsync rules, then import the copy.
 
     Ray hands every rsync_exclude entry to rsync as `--exclude PATTERN` and every rsync_filter as
