@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 
 from weakseg.errors import UserError
-from weakseg.search.cluster import LocalCluster
+from weakseg.cluster.local import LocalCluster
 
 
 def main(argv: list[str] | None = None) -> int:

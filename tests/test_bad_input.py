@@ -802,7 +802,7 @@ def test_nothing_shells_out_with_user_strings():
     assert not shells, f"shell-style process calls at {shells}"
     spawns = calls(lambda d: d in ("subprocess.run", "subprocess.Popen", "subprocess.call", "subprocess.check_call",
                                    "subprocess.check_output"))
-    assert spawns, "expected the fixed-argument calls in search/run.py and search/cluster.py"
+    assert spawns, "expected the fixed-argument calls in search/run.py and cluster/local.py"
     for p, c in spawns:
         shell = kw(c, "shell")
         assert shell is None or (isinstance(shell, ast.Constant) and shell.value is False), where(p, c)

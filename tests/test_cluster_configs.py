@@ -4,7 +4,9 @@ Expected line numbers are found by searching the mutated text, not taken from th
 resources come from the YAML parsed here. No cloud, no network, no cluster.
 """
 
+import json
 import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import pytest
 import yaml
 
 from weakseg.errors import UserError
-from weakseg.search.cluster import free_port, validate_cluster_config
+from weakseg.cluster.local import free_port
+from weakseg.cluster.validate import validate_cluster_config
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 SHIPPED = ["aws.yaml", "gcp.yaml", "onprem.yaml", "kuberay.yaml"]
@@ -273,15 +276,15 @@ def test_kuberay_start_params_must_be_strings(tmp_path: Path):
           r"must be quoted")
 
 
-def test_kuberay_worker_without_auth_mode(tmp_path: Path):
+def test_kuberay_without_auth_options(tmp_path: Path):
     text = (CLUSTER / "kuberay.yaml").read_text()
-    block = "                - name: RAY_AUTH_MODE\n                  value: token\n"
+    block = "  authOptions:\n    mode: token\n    secretName: weakseg-ray-token\n"
     assert text.count(block) == 1
     path = tmp_path / "kuberay.yaml"
     path.write_text(text.replace(block, ""))
     new = path.read_text()
-    fails(path, line_of(new, "env:", after="name: ray-worker"),
-          r"spec.workerGroupSpecs\[0\].template.spec.containers\[0\].env", r"set RAY_AUTH_MODE explicitly")
+    fails(path, line_of(new, "- name: ray-head"),
+          r"spec.headGroupSpec.template.spec.containers\[0\]", r"spec.authOptions")
 
 
 def test_kuberay_exposed_head_and_dashboard(tmp_path: Path):
@@ -317,9 +320,145 @@ def test_cloud_config_must_declare_node_types(tmp_path: Path):
 
 
 def test_local_cluster_refuses_a_root_too_long_for_ray_sockets(tmp_path: Path):
-    from weakseg.search.cluster import LocalCluster
+    from weakseg.cluster.local import LocalCluster
 
     root = tmp_path / ("x" * 80)
     with pytest.raises(UserError, match="path too long"):
         LocalCluster(root).start()
     assert not root.exists()  # refused before creating anything or starting a process
+
+
+# ---------------------------------------------------------------------------------------------- issue 11
+
+REPO = CLUSTER.parent
+LAUNCHER = ["aws.yaml", "gcp.yaml", "onprem.yaml"]
+needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="no rsync on this machine (apt install rsync)")
+
+
+def package_modules() -> int:
+    """weakseg's modules, counted from the source tree (the package itself and every .py but __main__)."""
+    files = [p for p in (REPO / "weakseg").rglob("*.py") if "__pycache__" not in p.parts and p.name != "__main__.py"]
+    return len(files)
+
+
+def test_launcher_configs_share_setup_and_sync_rules():
+    cfgs = {n: yaml.safe_load((CLUSTER / n).read_text()) for n in LAUNCHER}
+    for key in ("file_mounts", "rsync_exclude", "rsync_filter", "worker_setup_commands"):
+        assert len({json.dumps(c.get(key)) for c in cfgs.values()}) == 1, key
+    for name, c in cfgs.items():
+        setup = [cmd for cmd in c["setup_commands"] if "cluster/setup.sh" in cmd]
+        assert len(setup) == 1 and setup[0].startswith("bash ~/weakseg/cluster/setup.sh"), (name, setup)
+        assert not any(re.search(r"pip install|==\d", cmd) for cmd in c["setup_commands"]), name  # pins live in one file
+    for excl in cfgs["aws.yaml"]["rsync_exclude"]:
+        assert excl.startswith("/") or "/" not in excl and excl not in ("data", "runs", "results", ".venv"), excl
+    assert "constraints.txt" in (CLUSTER / "setup.sh").read_text()
+    assert "-c /home/ray/weakseg/cluster/constraints.txt" in (CLUSTER / "Dockerfile").read_text()
+
+
+@needs_rsync
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_shipped_config_syncs_a_checkout_that_imports(name: str):
+    summary = validate_cluster_config(CLUSTER / name)
+    assert f"synced checkout imports ({package_modules()} modules)" in summary, summary
+
+
+@needs_rsync
+def test_unanchored_exclude_that_drops_the_package_data_module(tmp_path: Path):
+    path, text = mutate(tmp_path, "onprem.yaml", 'rsync_exclude: ["/.venv", "/data", ', 'rsync_exclude: ["/.venv", "data", ')
+    with pytest.raises(UserError) as e:
+        validate_cluster_config(path, checkout=REPO)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:{line_of(text, 'rsync_exclude:')}: rsync_exclude: "), msg
+    assert re.search(r"loses \d+ file\(s\) of the package, e.g. weakseg/data/", msg), msg
+
+
+@needs_rsync
+def test_filter_file_that_deletes_code(tmp_path: Path):
+    """An rsync_filter file (Ray's `dir-merge,- FILE`) with a pattern that drops a module: the import check sees it."""
+    checkout = tmp_path / "co"
+    shutil.copytree(REPO / "weakseg", checkout / "weakseg", ignore=shutil.ignore_patterns("__pycache__"))
+    (checkout / "pyproject.toml").write_text("")
+    (checkout / ".syncignore").write_text("metrics.py\n")
+    path, text = mutate(tmp_path, "onprem.yaml", "rsync_exclude: [", "rsync_filter: [.syncignore]\nrsync_exclude: [")
+    with pytest.raises(UserError, match=r"loses 1 file\(s\) of the package, e.g. weakseg/metrics.py"):
+        validate_cluster_config(path, checkout=checkout)
+
+
+def test_placeholders_are_listed_and_fail_with_strict(tmp_path: Path):
+    text = (CLUSTER / "onprem.yaml").read_text()
+    code = [ln.split(" #", 1)[0] for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+    count = sum(len(re.findall(r"<your-[a-z0-9-]+>", ln)) for ln in code)
+    assert count == 5  # head, two workers, user, key
+    path = tmp_path / "onprem.yaml"
+    path.write_text(text)
+    assert f"; {count} placeholder(s) to fill before launching" in validate_cluster_config(path)
+    with pytest.raises(UserError) as e:
+        validate_cluster_config(path, strict=True)
+    assert str(e.value) == (f"{path}:{line_of(text, 'head_ip: <your-head-host>')}: <your-head-host> is a "
+                            f"placeholder: fill it in before launching (and {count - 1} more)")
+    filled = re.sub(r"<your-([a-z0-9-]+)>", r"\1", text)
+    path.write_text(filled)
+    assert validate_cluster_config(path, strict=True).endswith("; no placeholders")
+
+
+def test_cli_strict_flag(tmp_path: Path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "weakseg", "cluster", "validate", "--strict", str(CLUSTER / "kuberay.yaml")],
+                       capture_output=True, text=True, timeout=120)
+    text = (CLUSTER / "kuberay.yaml").read_text()
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"kuberay.yaml:{line_of(text, '<your-rwx-storage-class>')}: <your-rwx-storage-class> is a placeholder" \
+        in r.stderr
+
+
+def test_aws_latest_dlami_is_refused(tmp_path: Path):
+    ssm = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+    path, text = mutate(tmp_path, "aws.yaml", f"ImageId: {ssm}", "ImageId: latest_dlami")
+    fails(path, line_of(text, "ImageId: latest_dlami"),
+          r"available_node_types.head.node_config.ImageId", r"Ubuntu 18.04")
+
+
+def test_gcp_image_with_an_old_driver_is_refused(tmp_path: Path):
+    path, text = mutate(tmp_path, "gcp.yaml", "ubuntu-2204-nvidia-580", "ubuntu-2204-nvidia-550")
+    fails(path, line_of(text, "nvidia-550"), r"available_node_types.head.node_config.disks\[0\].initializeParams.sourceImage",
+          r"driver >= 580")
+
+
+def test_docker_image_of_another_ray_is_refused(tmp_path: Path):
+    path, text = mutate(tmp_path, "aws.yaml", "head_node_type: head\n",
+                        "head_node_type: head\ndocker: {image: rayproject/ray:2.9.0-py310-gpu, container_name: ray}\n")
+    fails(path, line_of(text, "docker:"), r"docker.image", r"Ray 2\.60\.0")
+
+
+def test_kuberay_network_policy_from_kuberay_samples_passes(tmp_path: Path):
+    path, text = mutate(tmp_path, "kuberay.yaml", "  enableInTreeAutoscaling: true\n",
+                        "  enableInTreeAutoscaling: true\n  networkPolicy:\n    mode: DenyAll\n")
+    assert "kuberay RayCluster weakseg" in validate_cluster_config(path)
+
+
+def test_kuberay_network_isolation_points_at_its_new_name(tmp_path: Path):
+    path, text = mutate(tmp_path, "kuberay.yaml", "  enableInTreeAutoscaling: true\n",
+                        "  enableInTreeAutoscaling: true\n  networkIsolation:\n    mode: DenyAll\n")
+    fails(path, line_of(text, "networkIsolation"), r"spec.networkIsolation", r"networkPolicy \(renamed in KubeRay v1\.7\.0\)")
+
+
+def test_kuberay_checked_against_the_crd_schema_deep_down(tmp_path: Path):
+    """Typos and wrong types inside the pod template and autoscalerOptions, which no hand-kept list covered."""
+    path, text = mutate(tmp_path, "kuberay.yaml", "idleTimeoutSeconds: 600", "idleTimeoutSecond: 600")
+    fails(path, line_of(text, "idleTimeoutSecond:"), r"spec.autoscalerOptions.idleTimeoutSecond",
+          r"unknown field .*did you mean idleTimeoutSeconds\?")
+    path, text = mutate(tmp_path, "kuberay.yaml", "mountPath: /dev/shm", "mountPth: /dev/shm")
+    fails(path, line_of(text, "mountPth"),
+          r"spec.workerGroupSpecs\[0\].template.spec.containers\[0\].volumeMounts\[1\].mountPth",
+          r"did you mean mountPath\?")
+    path, text = mutate(tmp_path, "kuberay.yaml", "maxReplicas: 8", "maxReplicas: eight")
+    fails(path, line_of(text, "maxReplicas: eight"), r"spec.workerGroupSpecs\[0\].maxReplicas", r"'eight' is not of type")
+
+
+def test_kuberay_image_of_another_ray_is_refused(tmp_path: Path):
+    path, text = mutate(tmp_path, "kuberay.yaml", "            image: <your-registry>/weakseg:<tag>\n            resources",
+                        "            image: rayproject/ray:latest\n            resources")
+    fails(path, line_of(text, "rayproject/ray:latest"), r"spec.headGroupSpec.template.spec.containers\[0\].image",
+          r"Ray 2\.60\.0")

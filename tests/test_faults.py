@@ -27,7 +27,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from weakseg.search.cluster import LocalCluster
+from weakseg.cluster.local import LocalCluster
 
 pytestmark = pytest.mark.slow
 

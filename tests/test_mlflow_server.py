@@ -36,7 +36,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from weakseg.data.classes import VOC_CLASSES
-from weakseg.search.cluster import free_port
+from weakseg.cluster.local import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from weakseg.search.cluster import LocalCluster
+from weakseg.cluster.local import LocalCluster
 
 pytestmark = pytest.mark.slow
 

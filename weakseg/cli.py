@@ -296,10 +296,10 @@ def cmd_export_voc(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_validate(args: argparse.Namespace) -> int:
-    from weakseg.search.cluster import validate_cluster_config
+    from weakseg.cluster.validate import validate_cluster_config
 
     for f in args.files:
-        print(validate_cluster_config(Path(f)))
+        print(validate_cluster_config(Path(f), strict=args.strict))
     return 0
 
 
@@ -425,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
     cv = csub.add_parser("validate", help="check `ray up` configs and KubeRay manifests before launching")
     cv.add_argument("files", nargs="+", metavar="FILE")
+    cv.add_argument("--strict", action="store_true",
+                    help="fail on <your-...> placeholders left in (use it before `ray up` / `kubectl apply`)")
     cv.set_defaults(func=cmd_cluster_validate)
 
     m = sub.add_parser("make-synthetic", help="write a synthetic data set in the VOC 2012 devkit layout")

@@ -1,4 +1,4 @@
-"""Cluster launch configs: validation before `ray up` / `kubectl apply`, and a local multi-node Ray.
+"""Cluster launch configs: validation before `ray up` / `kubectl apply`.
 
 `validate_cluster_config(path)` checks a `ray up` config (providers aws, gcp,
 local) or a KubeRay `RayCluster` manifest without touching any cloud: a typo
@@ -15,12 +15,17 @@ bounds), then through what weakseg needs on top:
 - `RAY_AUTH_MODE` set explicitly in every `ray start`, with the token reaching
   every node (Ray 2.60 switches token auth on implicitly in some paths only);
 - the Ray dashboard and the MLflow server bound to 127.0.0.1 (reached through
-  SSH port forwarding), and no security rule open to 0.0.0.0/0.
+  SSH port forwarding), and no security rule open to 0.0.0.0/0;
+- the sync `ray up` does, replayed with the config's own rsync rules into a
+  temporary folder, must keep every file of the package and import (an
+  unanchored "data" also drops weakseg/data/);
+- no image known not to run the pinned torch (Ray's `latest_dlami`, old
+  drivers, another Ray's rayproject/ray tag);
+- `<your-...>` placeholders listed, and errors with `strict`.
 
-`LocalCluster` starts a real multi-node Ray on this machine (a head plus
-workers with logical GPUs, each its own raylet, reached at 127.0.0.1, token
-auth on) and tears down exactly the processes it started: the multi-node test
-and `cluster/local_multinode.py` use it.
+KubeRay manifests are checked against the RayCluster CRD's own OpenAPI schema
+(vendored from KubeRay v1.7.0 in schemas/), undeclared fields being errors, then
+for the same security and resource rules.
 """
 
 from __future__ import annotations
@@ -34,12 +39,10 @@ import logging
 import math
 import os
 import re
-import secrets
-import signal
-import socket
+import shutil
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
@@ -72,17 +75,12 @@ EXTRA_PROVIDER_KEYS = (
     "coordinator_address", "external_head_ip", "use_external_head_ip", "key_pair", "disable_launch_config_check",
     "foreground_node_launch", "worker_rpc_drain", "use_node_id_as_ip", "launch_multiple",
 )
-# KubeRay ray.io/v1 fields (v1.6), for the strict key check of a RayCluster manifest.
-KUBERAY_TOP = ("apiVersion", "kind", "metadata", "spec")
-KUBERAY_SPEC = (
-    "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headServiceAnnotations", "headGroupSpec",
-    "workerGroupSpecs", "suspend", "managedBy", "gcsFaultToleranceOptions", "authOptions", "upgradeStrategy",
-)
-KUBERAY_HEAD = ("rayStartParams", "template", "serviceType", "headService", "enableIngress", "resources", "labels")
-KUBERAY_GROUP = (
-    "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "numOfHosts", "rayStartParams",
-    "template", "scaleStrategy", "suspend", "resources", "labels",
-)
+PLACEHOLDER = re.compile(r"<your-[^<>\s]*>")
+# Images on which the pinned torch (CUDA 13 build: glibc >= 2.28, NVIDIA driver >= 580) cannot run.
+OLD_DRIVER = 580
+SCHEMAS = Path(__file__).parent / "schemas"
+# Fields KubeRay renamed: the CRD schema alone would only say "unknown".
+KUBERAY_RENAMED = {"networkIsolation": "networkPolicy (renamed in KubeRay v1.7.0)"}
 
 
 # ------------------------------------------------------------------------------ YAML with line numbers
@@ -173,10 +171,13 @@ def _typo_keys(doc: _Doc, mapping: dict, path: KeyPath, known: tuple[str, ...] |
 # ------------------------------------------------------------------------------ validation
 
 
-def validate_cluster_config(path: Path) -> str:
+def validate_cluster_config(path: Path, *, strict: bool = False, checkout: Path | None = None) -> str:
     """Check a `ray up` config or a KubeRay RayCluster manifest; return a one-line summary.
 
     Raises `UserError` naming the file, line and key at fault. Needs no cloud credentials and no network.
+    `<your-...>` placeholders are what a user fills in: reported in the summary, and errors with
+    `strict` (before a launch). `checkout` is the folder `ray up` would sync for "." (default: the
+    repository holding the config); its sync is replayed with the config's own rsync rules.
     """
     path = Path(path)
     docs = _read_docs(path)
@@ -184,17 +185,102 @@ def validate_cluster_config(path: Path) -> str:
         raise UserError(f"{path}:1: empty file: expected a `ray up` config or a KubeRay RayCluster manifest")
     first = docs[0]
     if isinstance(first.data, dict) and ("apiVersion" in first.data or "kind" in first.data):
-        return _validate_kuberay(path, docs)
-    if len(docs) > 1:
-        raise UserError(f"{path}:{docs[1].line(())}: a `ray up` config is a single YAML document")
-    if not isinstance(first.data, dict):
-        first.fail((), "a cluster config must be a mapping of keys to values")
-    if "provider" not in first.data:
-        close = difflib.get_close_matches("provider", [str(k) for k in first.data], n=1, cutoff=0.6)
-        if close:
-            first.fail((close[0],), "unknown key; did you mean provider?")
-        first.fail((), "missing `provider` (a `ray up` config) and `apiVersion`/`kind` (a KubeRay manifest)")
-    return _validate_launcher(first)
+        summary = _validate_kuberay(path, docs)
+    else:
+        if len(docs) > 1:
+            raise UserError(f"{path}:{docs[1].line(())}: a `ray up` config is a single YAML document")
+        if not isinstance(first.data, dict):
+            first.fail((), "a cluster config must be a mapping of keys to values")
+        if "provider" not in first.data:
+            close = difflib.get_close_matches("provider", [str(k) for k in first.data], n=1, cutoff=0.6)
+            if close:
+                first.fail((close[0],), "unknown key; did you mean provider?")
+            first.fail((), "missing `provider` (a `ray up` config) and `apiVersion`/`kind` (a KubeRay manifest)")
+        summary = _validate_launcher(first)
+        summary += "; " + _check_sync(first, checkout)
+    return summary + "; " + _placeholders(path, strict)
+
+
+def _placeholders(path: Path, strict: bool) -> str:
+    """`<your-...>` left in (comments aside): an error with `strict`, else a note in the summary."""
+    found = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        code = line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
+        found += [(n, m.group()) for m in PLACEHOLDER.finditer(code)]
+    if not found:
+        return "no placeholders"
+    if strict:
+        n, ph = found[0]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise UserError(f"{path}:{n}: {ph} is a placeholder: fill it in before launching{more}")
+    names = sorted({ph for _, ph in found})
+    return f"{len(found)} placeholder(s) to fill before launching ({', '.join(names)}; --strict fails on them)"
+
+
+def _checkout_of(path: Path) -> Path | None:
+    """The repository a shipped config lives in (the folder with pyproject.toml and weakseg/)."""
+    for d in Path(path).resolve().parents:
+        if (d / "pyproject.toml").is_file() and (d / "weakseg" / "__init__.py").is_file():
+            return d
+    return None
+
+
+def _check_sync(doc: _Doc, checkout: Path | None = None) -> str:
+    """Replay `ray up`'s sync of the checkout with the config's own rsync rules, then import the copy.
+
+    Ray hands every rsync_exclude entry to rsync as `--exclude PATTERN` and every rsync_filter as
+    `--filter 'dir-merge,- FILE'`; an unanchored "data" then also drops weakseg/data/. The copy must
+    hold every file of the package and import every module.
+    """
+    cfg = doc.data
+    mounts = cfg.get("file_mounts") or {}
+    local = [r for r, src in mounts.items() if isinstance(src, str) and src.rstrip("/") in (".", "./")]
+    if not local:
+        return "checkout not synced by file_mounts"
+    checkout = Path(checkout) if checkout is not None else _checkout_of(doc.file)
+    if checkout is None:
+        return "sync not replayed (no weakseg checkout around the config)"
+    rsync = shutil.which("rsync")
+    if rsync is None:
+        return "sync not replayed (no rsync on this machine)"
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    rules = SSHCommandRunner._create_rsync_filter_args(
+        None, {"rsync_exclude": cfg.get("rsync_exclude"), "rsync_filter": cfg.get("rsync_filter")})
+    with tempfile.TemporaryDirectory(prefix="weakseg-sync-") as tmp:
+        out = subprocess.run([rsync, "-a", *rules, f"{checkout}/", f"{tmp}/"], capture_output=True, text=True)
+        key = ("rsync_exclude",) if "rsync_exclude" in cfg else ("file_mounts",)
+        if out.returncode != 0:
+            doc.fail(key, f"rsync with these rules fails: {out.stderr.strip()[:300]}")
+        pkg = checkout / "weakseg"
+        want = {p.relative_to(checkout) for p in pkg.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+        got = {p.relative_to(tmp) for p in (Path(tmp) / "weakseg").rglob("*") if p.is_file()}
+        lost = sorted(str(p) for p in want - got)
+        if lost:
+            doc.fail(key, f"the synced checkout loses {len(lost)} file(s) of the package, e.g. {lost[0]}: anchor "
+                          'the pattern that matches it ("/data", not "data")')
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        env["OMP_NUM_THREADS"] = "1"
+        res = subprocess.run([sys.executable, "-c", _IMPORT_ALL, tmp], capture_output=True, text=True, env=env,
+                             cwd=tmp, timeout=600)
+        if res.returncode != 0:
+            doc.fail(key, f"the synced checkout does not import: {res.stderr.strip().splitlines()[-1][:300]}")
+        n = int(res.stdout.split()[-1])
+    return f"synced checkout imports ({n} modules)"
+
+
+# Imports every module of the synced copy, from the copy only; prints how many.
+_IMPORT_ALL = """
+import importlib, pkgutil, sys
+root = sys.argv[1]
+sys.path.insert(0, root)
+import weakseg
+assert weakseg.__file__.startswith(root), weakseg.__file__
+names = [m.name for m in pkgutil.walk_packages(weakseg.__path__, "weakseg.") if not m.name.endswith(".__main__")]
+for name in names:
+    importlib.import_module(name)
+print(len(names) + 1)
+"""
 
 
 def _ray_schema() -> dict:
@@ -270,6 +356,7 @@ def _validate_launcher(doc: _Doc) -> str:
         head_res, worker_res = _check_local(doc, prepared)
     else:
         _check_node_types(doc, cfg, ptype)
+    _check_images(doc, cfg, ptype)
     auth = _check_auth(doc, cfg, prepared)
     dash = _check_dashboard(doc, prepared)
     mlflow = _check_mlflow(doc, prepared)
@@ -283,12 +370,12 @@ def _validate_launcher(doc: _Doc) -> str:
     parts = [f"{doc.file}: {ptype} {where}".rstrip() + f", cluster {cfg['cluster_name']}"]
     if ptype == "local":
         n = len(provider.get("worker_ips", []))
-        parts.append(f"head {_fmt_res(head_res)}, {n} worker{'s' * (n != 1)} {_fmt_res(worker_res)}")
+        parts.append(f"head {fmt_resources(head_res)}, {n} worker{'s' * (n != 1)} {fmt_resources(worker_res)}")
     else:
         head = prepared["head_node_type"]
         nts = prepared["available_node_types"]
-        parts.append(f"head {head} {_machine(ptype, nts[head])} {_fmt_res(nts[head]['resources'])}")
-        workers = [f"{n} {_machine(ptype, t)} {_fmt_res(t['resources'])} x{t['min_workers']}-{t['max_workers']}"
+        parts.append(f"head {head} {_machine(ptype, nts[head])} {fmt_resources(nts[head]['resources'])}")
+        workers = [f"{n} {_machine(ptype, t)} {fmt_resources(t['resources'])} x{t['min_workers']}-{t['max_workers']}"
                    for n, t in nts.items() if n != head]
         parts.append("workers " + (", ".join(workers) or "none") + f" (max_workers {prepared['max_workers']})")
     parts.append(f"auth {auth}")
@@ -305,7 +392,8 @@ def _guess_key(message: str) -> KeyPath:
     return ()
 
 
-def _fmt_res(res: dict) -> str:
+def fmt_resources(res: dict) -> str:
+    """`{CPU: 8, GPU: 1}` as the summaries print it."""
     return "{" + ", ".join(f"{k}: {v:g}" if isinstance(v, (int, float)) else f"{k}: {v}" for k, v in res.items()) + "}"
 
 
@@ -346,6 +434,47 @@ def _check_node_types(doc: _Doc, cfg: dict, ptype: str) -> None:
             if not any(isinstance(s, dict) and s.get("onHostMaintenance") == "TERMINATE" for s in items):
                 doc.fail(base + ("node_config", "scheduling") if "scheduling" in nc else base + ("node_config",),
                          "GPU VMs cannot live-migrate: set scheduling.onHostMaintenance: TERMINATE")
+
+
+def _check_images(doc: _Doc, cfg: dict, ptype: str) -> None:
+    """Images known not to run the pinned torch (CUDA 13 build: glibc >= 2.28, NVIDIA driver >= 580)."""
+    for name, nt in (cfg.get("available_node_types") or {}).items():
+        nc = nt.get("node_config") or {}
+        base = ("available_node_types", name, "node_config")
+        if ptype == "aws":
+            ami = str(nc.get("ImageId", "")).strip()
+            if ami.lower() in ("", "latest_dlami"):
+                doc.fail(base + ("ImageId",) if "ImageId" in nc else base,
+                         f"{ami or 'no ImageId'}: Ray 2.60 resolves this to an Ubuntu 18.04 Deep Learning AMI "
+                         "(glibc 2.27, CUDA 11) on which the pinned torch does not install; use a current Ubuntu "
+                         "22.04/24.04 DLAMI, e.g. resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
+                         "base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id")
+        elif ptype == "gcp":
+            for i, disk in enumerate(nc.get("disks") or []):
+                image = str(((disk or {}).get("initializeParams") or {}).get("sourceImage", ""))
+                driver = re.search(r"nvidia-(\d{3})\b", image)
+                old_os = re.search(r"ubuntu-(1604|1804)|debian-(9|10)\b", image)
+                if (driver and int(driver.group(1)) < OLD_DRIVER) or old_os:
+                    doc.fail(base + ("disks", i, "initializeParams", "sourceImage"),
+                             f"{image.rsplit('/', 1)[-1]}: the pinned torch's CUDA 13 build needs NVIDIA driver >= "
+                             f"{OLD_DRIVER} and glibc >= 2.28; pick a current Deep Learning VM family "
+                             "(cluster/README.md, section 2)")
+    docker = cfg.get("docker") or {}
+    for key in ("image", "head_image", "worker_image"):
+        image = docker.get(key)
+        if isinstance(image, str) and image:
+            _check_ray_image(doc, ("docker", key), image)
+
+
+def _check_ray_image(doc: _Doc, where: KeyPath, image: str) -> None:
+    """A rayproject/ray image must be tagged with this Ray's version (`ray up`/`job submit` need the same Ray)."""
+    import ray
+
+    repo, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
+    if repo.split("/")[-1] == "ray" and repo.rsplit("/", 1)[0].endswith("rayproject"):
+        if tag == "latest" or not tag.startswith(ray.__version__ + "-") and tag != ray.__version__:
+            doc.fail(where, f"{image}: use a rayproject/ray tag of Ray {ray.__version__} (the version here and "
+                            f"in cluster/constraints.txt), e.g. rayproject/ray:{ray.__version__}-py311-gpu")
 
 
 def _check_resources_declared(doc: _Doc, types: dict) -> None:
@@ -505,6 +634,57 @@ def _quantity(v: Any) -> float:
         return math.nan
 
 
+def _strict(schema: Any) -> Any:
+    """The CRD schema with undeclared fields rejected, as the API server does under kubectl's strict
+    field validation (the CRD itself prunes them silently)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def _crd_schema() -> dict:
+    return _strict(json.loads((SCHEMAS / "ray.io_rayclusters.v1.json").read_text()))
+
+
+def _check_crd_schema(doc: _Doc) -> None:
+    """The RayCluster against KubeRay's own CRD schema (vendored, see weakseg/cluster/schemas/README.md)."""
+    import jsonschema
+
+    schema = _crd_schema()
+    # Unknown fields first: a misspelt key also shows up as a missing required one.
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc.data),
+                    key=lambda e: (e.validator != "additionalProperties", [str(p) for p in e.absolute_path]))
+    if not errors:
+        return
+    e = errors[0]
+    where = tuple(e.absolute_path)
+    if e.validator == "additionalProperties":
+        sub = schema
+        for p in where:
+            sub = sub.get("items", {}) if isinstance(p, int) else sub.get("properties", {}).get(p, {})
+        known = list(sub.get("properties", {}))
+        node = doc.data
+        for p in where:
+            node = node[p]
+        unknown = [k for k in node if k not in known]
+        key = unknown[0] if unknown else "?"
+        hint = KUBERAY_RENAMED.get(key) if where == ("spec",) else None
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        msg = f"unknown field (KubeRay v1.7 RayCluster CRD)" + (
+            f"; now {hint}" if hint else f"; did you mean {close[0]}?" if close else "")
+        doc.fail(where + (key,), msg)
+    hint = ""
+    if e.validator == "type" and e.validator_value == "string" and not isinstance(e.instance, (dict, list)):
+        hint = f'; must be quoted, e.g. "{e.instance}"'
+    doc.fail(where, f"{e.message} (KubeRay v1.7 RayCluster CRD){hint}")
+
+
 def _validate_kuberay(path: Path, docs: list[_Doc]) -> str:
     clusters = []
     for d in docs:
@@ -516,22 +696,20 @@ def _validate_kuberay(path: Path, docs: list[_Doc]) -> str:
         raise UserError(f"{path}:1: expected exactly one `kind: RayCluster` document, found {len(clusters)}")
     doc = clusters[0]
     rc = doc.data
-    _check_keys(doc, rc, (), KUBERAY_TOP)
     if rc["apiVersion"] != "ray.io/v1":
         doc.fail(("apiVersion",), f"{rc['apiVersion']!r}: KubeRay >= 1.0 serves ray.io/v1 (v1alpha1 is gone)")
+    _check_crd_schema(doc)
     name = (rc.get("metadata") or {}).get("name")
     if not isinstance(name, str) or not name:
         doc.fail(("metadata",), "needs metadata.name")
     spec = rc.get("spec")
     if not isinstance(spec, dict):
         doc.fail(("spec",), "needs a spec with headGroupSpec and workerGroupSpecs")
-    _check_keys(doc, spec, ("spec",), KUBERAY_SPEC)
     auth_opt = (spec.get("authOptions") or {}).get("mode")
     if "headGroupSpec" not in spec:
         doc.fail(("spec",), "needs headGroupSpec")
     head = spec["headGroupSpec"]
     hp = ("spec", "headGroupSpec")
-    _check_keys(doc, head, hp, KUBERAY_HEAD)
     if head.get("serviceType", "ClusterIP") != "ClusterIP":
         doc.fail(hp + ("serviceType",), f"{head['serviceType']} exposes the head outside the Kubernetes cluster: "
                                         "use ClusterIP and `kubectl port-forward`")
@@ -561,7 +739,6 @@ def _validate_kuberay(path: Path, docs: list[_Doc]) -> str:
     summary_groups = []
     for g_i, g in enumerate(groups):
         gp = ("spec", "workerGroupSpecs", g_i)
-        _check_keys(doc, g, gp, KUBERAY_GROUP)
         if not isinstance(g.get("groupName"), str):
             doc.fail(gp, "needs groupName")
         lo, hi = g.get("minReplicas", 0), g.get("maxReplicas", 2**31 - 1)
@@ -576,12 +753,12 @@ def _validate_kuberay(path: Path, docs: list[_Doc]) -> str:
                                                "checks a trial fits a node before launching")
         res, gmodes = _group_resources(doc, g, gp, params, auth_opt)
         modes |= gmodes
-        summary_groups.append(f"{g['groupName']} {_fmt_res(res)} x{lo}-{hi}")
+        summary_groups.append(f"{g['groupName']} {fmt_resources(res)} x{lo}-{hi}")
     if len(modes) > 1:
         doc.fail(("spec",), f"RAY_AUTH_MODE differs between the head and worker groups ({sorted(modes)})")
     mode = modes.pop() if modes else auth_opt
     version = spec.get("rayVersion", "?")
-    return (f"{path}: kuberay RayCluster {name} (ray {version}); head {_fmt_res(head_res)}; workers "
+    return (f"{path}: kuberay RayCluster {name} (ray {version}); head {fmt_resources(head_res)}; workers "
             f"{', '.join(summary_groups)}; auth {mode}; dashboard {host}; "
             + (f"mlflow {mlflow}" if mlflow else "no mlflow server"))
 
@@ -610,6 +787,7 @@ def _group_resources(doc: _Doc, group: dict, gp: KeyPath, params: dict[str, str]
     cp = tp + ("spec", "containers", 0)
     if not c.get("image"):
         doc.fail(cp, "the Ray container needs an image (weakseg's, see cluster/Dockerfile)")
+    _check_ray_image(doc, cp + ("image",), str(c["image"]))
     limits = (c.get("resources") or {}).get("limits")
     if not isinstance(limits, dict):
         doc.fail(cp + ("resources",) if "resources" in c else cp,
@@ -649,242 +827,3 @@ def _group_resources(doc: _Doc, group: dict, gp: KeyPath, params: dict[str, str]
                  "set RAY_AUTH_MODE explicitly in the Ray container's env (token, with RAY_AUTH_TOKEN from a "
                  "Secret), or spec.authOptions.mode")
     return {"CPU": cpus, "GPU": gpus}, modes
-
-
-# ------------------------------------------------------------------------------ local multi-node Ray
-
-
-def free_port() -> int:
-    """A TCP port free on every interface right now, outside the kernel's ephemeral range.
-
-    Ports from the ephemeral range (what binding port 0 returns) are handed out again at once to
-    the next process that asks, e.g. another Ray node starting at the same moment; a random port
-    in 20000-32000 (above Ray's worker ports, below the ephemeral range) is not.
-    """
-    rng = secrets.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-            return port
-    raise UserError("no free TCP port found in 20000-32000 on this machine")
-
-
-NODE_MARKER = "WEAKSEG_LOCAL_CLUSTER"
-
-_NODES_SCRIPT = """
-import json, sys, time, ray
-want, deadline = int(sys.argv[2]), time.time() + float(sys.argv[3])
-ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
-while True:
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    if len(alive) >= want or time.time() > deadline:
-        break
-    time.sleep(0.5)
-print(json.dumps([{"node_id": n["NodeID"], "resources": n["Resources"]} for n in alive]))
-"""
-
-
-class LocalCluster:
-    """A multi-node Ray on this machine: a head and `workers` worker nodes, each its own raylet.
-
-    Clients reach it at 127.0.0.1; Ray 2.60 on Linux still advertises nodes under the machine's own
-    address and its gRPC servers listen on all interfaces (no setting narrows that): token auth guards them.
-
-    Every node is a `ray start --block` child of this process in its own session, so `stop()` ends
-    exactly these processes (never other Rays on the machine, as `ray stop` would). Token auth is on
-    with a fresh token in `root`; clients get it through `client_env()`.
-    """
-
-    def __init__(self, root: Path, *, workers: int = 2, worker_cpus: int = 1, worker_gpus: int = 1,
-                 head_cpus: int = 1, head_gpus: int = 0, dashboard: bool = False,
-                 object_store_mb: int = 100, timeout_s: float = 120.0) -> None:
-        self.root = Path(root)
-        self.workers, self.worker_cpus, self.worker_gpus = workers, worker_cpus, worker_gpus
-        self.head_cpus, self.head_gpus, self.dashboard = head_cpus, head_gpus, dashboard
-        self.object_store_mb, self.timeout_s = object_store_mb, timeout_s
-        self.port = 0
-        self.dashboard_port = 0
-        self.nodes: list[dict[str, Any]] = []
-        self._procs: list[subprocess.Popen] = []
-        self._logs: list[Any] = []
-
-    # ---- what clients need
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def token_path(self) -> Path:
-        return self.root / "auth_token"
-
-    @property
-    def temp_dir(self) -> Path:
-        return self.root / "ray"
-
-    @property
-    def node_pids(self) -> list[int]:
-        """PIDs of the `ray start --block` processes, one per node; each leads its own session."""
-        return [p.pid for p in self._procs]
-
-    def client_env(self) -> dict[str, str]:
-        """Environment for a driver or `ray` CLI call against this cluster (merge into os.environ).
-
-        RAY_AUTH_TOKEN, if set, takes precedence over RAY_AUTH_TOKEN_PATH: drop it from the environment.
-        """
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path), "RAY_ADDRESS": self.address,
-                "RAY_USAGE_STATS_ENABLED": "0"}
-
-    # ---- lifecycle
-    def start(self) -> "LocalCluster":
-        """Start the head, then the workers; return once every node is alive (or raise UserError and clean up)."""
-        if len(str(self.temp_dir)) > 60:
-            # Ray puts Unix sockets under the temp dir; their paths must stay under ~107 bytes.
-            raise UserError(f"{self.root}: path too long for Ray's socket files; use a short folder such as /tmp/x")
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-        self.port = free_port()
-        self.dashboard_port = free_port()
-        try:
-            self._spawn("head", ["--head", f"--port={self.port}", f"--num-cpus={self.head_cpus}",
-                                 f"--num-gpus={self.head_gpus}", f"--temp-dir={self.temp_dir}",
-                                 f"--include-dashboard={'true' if self.dashboard else 'false'}",
-                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"])
-            self._wait_started()
-            # One node at a time: nodes starting together on one machine race for the same socket files.
-            for i in range(self.workers):
-                self._spawn(f"worker{i + 1}", [f"--address={self.address}", f"--num-cpus={self.worker_cpus}",
-                                               f"--num-gpus={self.worker_gpus}"])
-                self._wait_started()
-            self.nodes = self._wait_nodes(1 + self.workers)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-        env.update(self.client_env())
-        env.pop("RAY_ADDRESS")
-        env[NODE_MARKER] = str(self.root)  # inherited by every process of the nodes, found again in stop()
-        if sys.platform in ("darwin", "win32"):
-            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"  # Ray refuses multi-node there unless asked
-        return env
-
-    def _spawn(self, name: str, args: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "w")
-        self._logs.append(log)
-        ray_cli = Path(sys.executable).parent / "ray"
-        # --node-ip-address=127.0.0.1 holds on macOS; on Linux Ray swaps in the machine's address.
-        cmd = [str(ray_cli) if ray_cli.exists() else "ray", "start", "--block", "--node-ip-address=127.0.0.1",
-               f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
-               "--dashboard-agent-listen-port=0", "--disable-usage-stats", *args]
-        self._procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self._env(), start_new_session=True))
-
-    def _check_alive(self) -> None:
-        for p, log in zip(self._procs, self._logs):
-            if p.poll() is not None:
-                tail = Path(log.name).read_text()[-2000:]
-                raise UserError(f"{log.name}: `ray start` exited with {p.returncode}:\n{tail}")
-
-    def _wait_started(self) -> None:
-        """Wait until the node spawned last says it is up (`ray start` prints "Ray runtime started")."""
-        log = Path(self._logs[-1].name)
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            self._check_alive()
-            if "Ray runtime started" in log.read_text(errors="replace"):
-                return
-            time.sleep(0.3)
-        raise UserError(f"{log}: the node did not start in {self.timeout_s:g} s")
-
-    def _wait_nodes(self, want: int) -> list[dict[str, Any]]:
-        self._check_alive()
-        env = self._env()
-        env["RAY_ADDRESS"] = self.address
-        try:
-            out = subprocess.run([sys.executable, "-c", _NODES_SCRIPT, self.address, str(want), str(self.timeout_s)],
-                                 capture_output=True, text=True, env=env, timeout=self.timeout_s + 60)
-        except subprocess.TimeoutExpired:
-            raise UserError(f"{self.root}: the cluster did not answer in {self.timeout_s:g} s") from None
-        if out.returncode != 0:
-            raise UserError(f"{self.root}: cannot list the cluster's nodes:\n{out.stderr[-2000:]}")
-        nodes = json.loads(out.stdout.strip().splitlines()[-1])
-        if len(nodes) < want:
-            self._check_alive()
-            raise UserError(f"{self.root}: {len(nodes)} of {want} nodes came up in {self.timeout_s:g} s "
-                            f"(logs: {self.root}/*.log)")
-        return nodes
-
-    def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM every node (workers first; `ray start --block` then stops its own processes), SIGKILL leftovers."""
-        for p in reversed(self._procs):
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for p in self._procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        # Anything still in a node's session (raylet workers, agents) belongs to this cluster alone,
-        # and so does any process that inherited a node's environment marker.
-        for p in self._procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-        for pid in self._stragglers():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        for log in self._logs:
-            log.close()
-        self._procs, self._logs = [], []
-
-    def _stragglers(self) -> list[int]:
-        """PIDs of this cluster's node processes, by the marker in their environment (Linux /proc only)."""
-        marker = f"{NODE_MARKER}={self.root}".encode()
-        proc = Path("/proc")
-        if not proc.is_dir() or not self.port:
-            return []
-        out = []
-        for d in proc.iterdir():
-            if d.name.isdigit() and int(d.name) != os.getpid():
-                with contextlib.suppress(OSError):
-                    if marker in (d / "environ").read_bytes().split(b"\0"):
-                        out.append(int(d.name))
-        return out
-
-    def __enter__(self) -> "LocalCluster":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-    def describe(self) -> str:
-        """What to type in another shell to use this cluster."""
-        return _describe_local(self)
-
-
-def _describe_local(cluster: LocalCluster) -> str:
-    env = cluster.client_env()
-    lines = [
-        f"Ray cluster up at {cluster.address}: a head and {cluster.workers} worker node(s), token auth",
-        f"  nodes: " + ", ".join(f"{n['node_id'][:8]} {_fmt_res({k: v for k, v in n['resources'].items() if k in ('CPU', 'GPU')})}"
-                                 for n in cluster.nodes),
-        "In another shell:",
-        "  unset RAY_AUTH_TOKEN; " + " ".join(f"export {k}={v};" for k, v in env.items()),
-        f"  weakseg search search_spaces/demo.yaml --address {cluster.address}",
-    ]
-    if cluster.dashboard:
-        lines.append(f"  dashboard and jobs: http://127.0.0.1:{cluster.dashboard_port}  "
-                     f"(ray job submit --address http://127.0.0.1:{cluster.dashboard_port} -- ...)")
-    lines.append("Ctrl-C here stops the cluster.")
-    return "\n".join(lines)
