@@ -10,10 +10,11 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# the same pins as every cluster node (cluster/constraints.txt, checked by tests/test_cluster_pins.py)
+$(STAMP): pyproject.toml cluster/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,crf]'
+	$(BIN)/python -m pip install --quiet -c cluster/constraints.txt -e '.[dev,crf]'
 	touch $@
 
 demo: $(STAMP)
