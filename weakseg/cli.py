@@ -255,16 +255,23 @@ def cmd_cluster_validate(args: argparse.Namespace) -> int:
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
     from weakseg.data.synthetic import make_synthetic
 
+    from weakseg.config import load_config
+    from weakseg.data.build import synthetic_difficulty
+
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     out = Path(args.out).resolve()
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise UserError(f"make-synthetic: {out} exists and is not empty (pass --force to replace a generated set)")
+    knobs = [f"data.synthetic_preset={args.preset}"]
+    for item in args.set:
+        if not item.startswith("data.synthetic_"):
+            raise UserError(f"make-synthetic --set {item!r}: only the data.synthetic_* difficulty keys can be set here")
+        knobs.append(item)
+    difficulty = synthetic_difficulty(load_config("demo", knobs).data)
     voc = make_synthetic(
         out, n_train=args.train, n_val=args.val, n_test=args.test, size=args.size,
-        seed=args.seed, classes=classes, test_masks=args.test_masks, overwrite=args.force,
+        seed=args.seed, classes=classes, test_masks=args.test_masks, overwrite=args.force, difficulty=difficulty,
     )
     print(f"synthetic VOC 2012 layout written to {voc}")
-    print(f"train with: weakseg train demo --set data.root={Path(args.out).resolve()}")
+    print(f"train with: weakseg train demo --set data.root={out} " + " ".join(f"--set {k}" for k in knobs))
     return 0
 
 
@@ -375,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--classes", help="comma-separated VOC class names (default: a built-in subset)")
     m.add_argument("--test-masks", action="store_true", help="also write test masks (real VOC has none)")
     m.add_argument("--force", action="store_true", help="replace an existing data set")
+    m.add_argument("--preset", choices=("default", "small", "clutter"), default="default",
+                   help="difficulty: today's set, small objects (2 classes of ~5-8 %% each), heavy clutter")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a difficulty knob, as the data.synthetic_* config keys (e.g. data.synthetic_clutter=2)")
     m.set_defaults(func=cmd_make_synthetic)
     return p
 

@@ -67,6 +67,16 @@ class DataConfig:
     synthetic_test: int = 50
     synthetic_size: int = 128
     synthetic_seed: int = 0
+    # difficulty of the generated set: a named preset, each knob overridable (unset: the preset's value)
+    synthetic_preset: Literal["default", "small", "clutter"] = "default"
+    synthetic_object_area_min: float | None = None  # target area of one object, fraction of the image
+    synthetic_object_area_max: float | None = None
+    synthetic_objects_min: int | None = None  # objects per image (unset with the default preset: 1-3)
+    synthetic_objects_max: int | None = None
+    synthetic_distinct: bool | None = None  # the objects of an image have distinct classes
+    synthetic_clutter: float | None = None  # multiplies the number of clutter shapes
+    synthetic_clutter_textured: float | None = None  # share of clutter shapes wearing an object texture
+    synthetic_texture_similarity: float | None = None  # 0: own texture per class; 1: a random class's
 
 
 @dataclass(frozen=True)
