@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from ray.tune import Callback
 
 from weakseg.config import build_config, mapping_settings
-from weakseg.search.tracking import SearchRun, _client, _log_files, _log_metrics, _log_params, retry
+from weakseg.search.tracking import SearchRun, _client, _log_files, _log_metrics, _log_params, retry, tag_collapsed
 from weakseg.search.trial import EVAL_FILES, TRAIN_LOG_FILE
 
 
@@ -51,7 +51,9 @@ class MlflowCallback(Callback):
         # train/* come with the checkpoint's training log, at their own iterations
         scalars = {k: v for k, v in result.items() if k.startswith("val/")
                    and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        _log_metrics(_client(self.search.uri), self.run_of(trial), scalars, int(result["iteration"]))
+        client = _client(self.search.uri)
+        _log_metrics(client, self.run_of(trial), scalars, int(result["iteration"]))
+        tag_collapsed(client, self.run_of(trial), scalars, int(result["iteration"]))
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         run_id = self.run_of(trial)

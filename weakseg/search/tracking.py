@@ -18,6 +18,7 @@ every trial after `Tuner.restore`.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import time
@@ -35,6 +36,7 @@ TAG_TRIAL = "weakseg.trial_id"
 TAG_OUTCOME = "weakseg.outcome"  # completed | stopped_early | failed | diverged
 TAG_ERROR = "weakseg.error"
 TAG_CHECKPOINT = "weakseg.checkpoint"  # a trial's best checkpoint; on the parent, the search's best
+TAG_COLLAPSED = "weakseg.collapsed"  # an evaluation flagged val/collapsed: its iteration, image AUC, foreground
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 
@@ -365,6 +367,7 @@ class TrainRunReporter:
 
     def evaluated(self, iteration, scalars, result, final) -> None:
         _log_metrics(self.client, self.run_id, scalars, iteration)
+        tag_collapsed(self.client, self.run_id, scalars, iteration)
         _log_files(self.client, self.run_id, eval_artifacts(self.run_dir), "eval")
         if self.inner is not None:
             self.inner.evaluated(iteration, scalars, result, final)
@@ -375,6 +378,14 @@ class TrainRunReporter:
             with contextlib.suppress(Exception):
                 self.client.set_tag(self.run_id, TAG_ERROR, str(error)[:4000])
         retry(lambda: self.client.set_terminated(self.run_id, status=status), "closing the training run")
+
+
+def tag_collapsed(client, run_id: str, scalars: Mapping[str, float], iteration: int) -> None:
+    """Tag a run whose evaluation reported val/collapsed = 1 (weak training learning nothing); the latest one wins."""
+    if scalars.get("val/collapsed", 0.0) >= 0.5:
+        auc, fg = scalars.get("val/image_auc", math.nan), scalars.get("val/fg_fraction", math.nan)
+        text = f"iteration {iteration}: image AUC {auc:.3f}, predicted foreground {fg:.3f}"
+        retry(lambda: client.set_tag(run_id, TAG_COLLAPSED, text), "tagging a collapsed run")
 
 
 def log_evaluation(uri: str, experiment: str, run_name: str, params: Mapping[str, Any],
