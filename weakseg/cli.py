@@ -244,6 +244,19 @@ def cmd_export_voc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pseudo_labels(args: argparse.Namespace) -> int:
+    from weakseg.pseudo import write_pseudo_labels
+
+    out = Path(args.out).resolve()
+    write_pseudo_labels(
+        Path(args.checkpoint), out, data_root=Path(args.data).resolve() if args.data else None, split=args.split,
+        threshold=args.threshold, crf=None if args.no_crf else _crf_params(args), device=args.device,
+        force=args.force, limit=args.limit,
+    )
+    print(f"train on them with: weakseg train CONFIG --set supervision=pseudo --set data.pseudo_root={out}")
+    return 0
+
+
 def cmd_cluster_validate(args: argparse.Namespace) -> int:
     from weakseg.search.cluster import validate_cluster_config
 
@@ -365,6 +378,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="the .tar.gz to write (default: voc2012_<split>_<time>.tar.gz)")
     x.add_argument("--force", action="store_true", help="replace an existing archive")
     x.set_defaults(func=cmd_export_voc)
+
+    pl = sub.add_parser("pseudo-labels", help="CRF-refined label maps of the training images from a weak model "
+                                              "(second stage: train with supervision=pseudo)")
+    pl.add_argument("checkpoint")
+    pl.add_argument("--out", required=True, help="folder for <id>.png label maps (255: uncertain, ignored)")
+    pl.add_argument("--data", help="VOC root (default: the checkpoint's data.root)")
+    pl.add_argument("--split", default="train")
+    pl.add_argument("--threshold", type=float, default=0.8,
+                    help="pixels whose refined winning probability is below this are ignored (255)")
+    pl.add_argument("--no-crf", action="store_true", help="skip the dense CRF (the model's own probabilities)")
+    pl.add_argument("--crf-set", action="append", metavar="KEY=VALUE", help="override a CRF parameter")
+    pl.add_argument("--limit", type=int, default=0, help="first N images only (0: all)")
+    pl.add_argument("--device", default="auto")
+    pl.add_argument("--force", action="store_true", help="replace earlier pseudo labels in --out")
+    pl.set_defaults(func=cmd_pseudo_labels)
 
     c = sub.add_parser("cluster", help="cluster-launcher configs (see cluster/README.md)")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -77,6 +77,8 @@ class DataConfig:
     synthetic_clutter: float | None = None  # multiplies the number of clutter shapes
     synthetic_clutter_textured: float | None = None  # share of clutter shapes wearing an object texture
     synthetic_texture_similarity: float | None = None  # 0: own texture per class; 1: a random class's
+    # supervision=pseudo: label maps written by `weakseg pseudo-labels` (<id>.png, 255 = ignore)
+    pseudo_root: str | None = field(default=None, metadata=PATH)
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = "weakseg"
-    supervision: Literal["weak", "full"] = "weak"  # full: pixel masks, the upper bound
+    supervision: Literal["weak", "full", "pseudo"] = "weak"  # full: pixel masks, the upper bound; pseudo: data.pseudo_root
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
@@ -495,6 +497,8 @@ def _validate_beyond_paper(cfg: Config) -> None:
                f"[object_fraction, c_fg]: needs object_fraction <= c_fg (got {l.object_fraction} > {l.c_fg})")
     _check(0 <= t.collapse_after <= 1, "train.collapse_after", "must lie in [0, 1] (a share of optim.iterations)")
     _check(0 <= t.collapse_auc <= 1, "train.collapse_auc", "must lie in [0, 1]")
+    _check(cfg.supervision != "pseudo" or cfg.data.pseudo_root is not None, "supervision",
+           "supervision=pseudo needs data.pseudo_root (a folder written by `weakseg pseudo-labels`)")
 
 
 def config_from_dict(d: Mapping[str, Any], origin: str = "checkpoint") -> Config:

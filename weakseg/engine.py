@@ -250,7 +250,7 @@ def train_step(
     valid = valid.to(device, non_blocking=True) if valid is not None else None
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         logits = model(image)  # (B, C, h, w)
-    if cfg.supervision == "full":
+    if cfg.supervision in ("full", "pseudo"):  # pseudo: the cross-entropy on pseudo label maps
         parts = full_loss(logits, batch["mask"].to(device, non_blocking=True))
     else:
         labels = batch["labels"].to(device, non_blocking=True)  # (B, C)

@@ -108,7 +108,7 @@ def train_dataset(cfg: Config) -> Dataset:
     from weakseg.data.transforms import train_transform
 
     d = cfg.data
-    full = cfg.supervision == "full"
+    full = cfg.supervision in ("full", "pseudo")  # pseudo: masks from data.pseudo_root
     tf = train_transform(
         crop_size=d.crop_size,
         scale=(d.scale_min, d.scale_max),
@@ -134,6 +134,7 @@ def train_dataset(cfg: Config) -> Dataset:
         transform=tf,
         labels_file=Path(d.labels_file) if d.labels_file else None,
         sbd_root=Path(d.sbd_root) if d.sbd_root else None,
+        mask_root=Path(d.pseudo_root) if cfg.supervision == "pseudo" else None,
     )
 
 

@@ -306,6 +306,8 @@ class VOCSegmentation(Dataset):
         with_labels: False skips labels altogether (for the VOC test set,
             whose annotations list no objects): `"labels"` is then background
             only and must not be used for training.
+        mask_root: read masks as `<mask_root>/<id>.png` only (pseudo labels,
+            see `weakseg.pseudo`).
 
     `train_aug`: `ImageSets/Segmentation/train_aug.txt` when it exists, else
     (SBD train ∪ SBD val ∪ VOC train) − VOC val, sorted; labels from the VOC
@@ -323,12 +325,14 @@ class VOCSegmentation(Dataset):
         labels_file: Path | None = None,
         sbd_root: Path | None = None,
         with_labels: bool = True,
+        mask_root: Path | None = None,
     ) -> None:
         self.root = resolve_voc_root(root)
         self.split = split
         self.with_masks = bool(with_masks)
         self.transform = transform
         self.sbd_root = resolve_sbd_root(sbd_root) if sbd_root is not None else None
+        self.mask_root = Path(mask_root) if mask_root is not None else None
         if not split or not re.fullmatch(r"[A-Za-z0-9_.-]+", split) or ".." in split:
             raise UserError(f"VOC root {self.root}: bad split name {split!r}")
         self.ids = self._read_ids(split)
@@ -383,6 +387,8 @@ class VOCSegmentation(Dataset):
 
     def _find_masks(self) -> list[Path]:
         dirs = [self.root / "SegmentationClass", self.root / "SegmentationClassAug"]
+        if self.mask_root is not None:  # pseudo labels: only there
+            dirs = [self.mask_root]
         paths, missing = [], []
         for i in self.ids:
             tried = [d / f"{i}.png" for d in dirs]
