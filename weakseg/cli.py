@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from weakseg.errors import UserError
 
 EXIT_USER_ERROR = 2
+VOC2012_VAL_IMAGES = 1449  # `evaluate` shows the paper's reference numbers on this set only
 EXIT_INTERRUPTED = 130
 
 
@@ -115,7 +116,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
     model, cfg, _ = load_model(ckpt, device)
     root = Path(args.data).resolve() if args.data else None
-    ds = build.eval_dataset(cfg, split=args.split, root=root)
+    try:
+        ds = build.eval_dataset(cfg, split=args.split, root=root)
+    except UserError as e:
+        if "mask file(s) missing" not in str(e):
+            raise
+        raise UserError(f"split {args.split!r} has no masks to score against{' (VOC test masks are not public)' if args.split == 'test' else ''}: "
+                        f"write a submission with `weakseg export-voc {args.checkpoint} --split {args.split}` "
+                        "and score it on the PASCAL VOC evaluation server") from None
+    voc_val = len(ds) == VOC2012_VAL_IMAGES and args.limit == 0  # the paper's numbers are for this set only
     ds = build.limit(ds, args.limit)
     loader = build.eval_loader(ds, build.LoaderOptions(workers=args.workers, pin_memory=device.type == "cuda"))
     crf = _crf_params(args) if args.crf else None
@@ -127,7 +136,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve() if args.out else ckpt.resolve().parent.parent / tag
     names = list(VOC_CLASSES[: cfg.model.num_classes])
     reference = None
-    if cfg.data.dataset != "synthetic" and args.split == "val":
+    if cfg.data.dataset != "synthetic" and voc_val and cfg.model.num_classes == 21:
         from weakseg.report import PAPER_TABLE1_OURS
 
         reference = PAPER_TABLE1_OURS
