@@ -67,7 +67,7 @@ def _check_resumable(path: Path, cfg) -> None:
     # how the run executes or reports may change; what it computes may not (train.seed picks the data stream)
     free = tuple(f"train.{k}" for k in ("device", "amp", "channels_last", "compile", "pin_memory",
                                         "persistent_workers", "eval_every", "checkpoint_every", "log_every", "progress",
-                                        "overlays"))
+                                        "overlays", "collapse_after", "collapse_auc"))
     free += ("optim.iterations", "data.workers", "data.val_limit", "tracking.")
     diff = [k for k in new if not k.startswith(free) and old.get(k) != new[k]]
     if diff:
@@ -119,7 +119,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         ds = build.eval_dataset(cfg, split=args.split, root=root)
     except UserError as e:
-        if "mask file(s) missing" not in str(e):
+        if "mask file(s) missing" not in str(e) or _split_has_masks(cfg, args.split, root):
             raise
         raise UserError(f"split {args.split!r} has no masks to score against{' (VOC test masks are not public)' if args.split == 'test' else ''}: "
                         f"write a submission with `weakseg export-voc {args.checkpoint} --split {args.split}` "
@@ -162,6 +162,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"\n{args.split}: mIoU {_pct(result.metrics.miou)} on {result.images} images"
           f"{' with dense CRF' if crf else ''}; tables and plots in {out}")
     return 0
+
+
+def _split_has_masks(cfg, split: str, root: Path | None) -> bool:
+    """Whether any image of the split has a mask (none: a test split, to be scored by the server)."""
+    from weakseg.data import build
+    from weakseg.data.voc import VOCSegmentation
+
+    ds = VOCSegmentation(root if root is not None else build.voc_root(cfg.data), split, with_masks=False,
+                         with_labels=False)
+    return any((ds.root / d / f"{i}.png").is_file() for i in ds.ids
+               for d in ("SegmentationClass", "SegmentationClassAug"))
 
 
 def _crf_params(args: argparse.Namespace):
