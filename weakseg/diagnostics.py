@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from torch import Tensor
 
-from weakseg.data.classes import IGNORE_INDEX
+from weakseg.data.classes import IGNORE_INDEX, VOC_CLASSES
 
 COLLAPSE_FG = 0.1  # predicted foreground below this share of the true foreground: "all background"
 
@@ -102,8 +102,6 @@ class ImageLevelMeter:
             out["image_auc"] = float(np.mean(aucs_ok)) if aucs_ok else math.nan
             out["image_map"] = float(np.mean(aps_ok)) if aps_ok else math.nan
             out["classes_per_image"] = float(y.sum(1).mean())
-            from weakseg.data.classes import VOC_CLASSES
-
             for k, a in enumerate(aucs):
                 if not math.isnan(a):
                     out[f"image_auc/{VOC_CLASSES[k + 1]}"] = a
