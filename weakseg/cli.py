@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 from weakseg.errors import UserError
 
 EXIT_USER_ERROR = 2
+VOC2012_VAL_IMAGES = 1449  # `evaluate` shows the paper's reference numbers on this set only
 EXIT_INTERRUPTED = 130
 
 
@@ -71,7 +72,7 @@ def _check_resumable(path: Path, cfg) -> None:
     # how the run executes or reports may change; what it computes may not (train.seed picks the data stream)
     free = tuple(f"train.{k}" for k in ("device", "amp", "channels_last", "compile", "pin_memory",
                                         "persistent_workers", "eval_every", "checkpoint_every", "log_every", "progress",
-                                        "overlays"))
+                                        "overlays", "collapse_after", "collapse_auc"))
     free += ("optim.iterations", "data.workers", "data.val_limit", "tracking.")
     diff = [k for k in new if not k.startswith(free) and old.get(k) != new[k]]
     if diff:
@@ -121,7 +122,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ckpt = _model_checkpoint(args.checkpoint, args.tracking_uri) or Path(args.checkpoint)
     model, cfg, _ = load_model(ckpt, device)
     root = Path(args.data).resolve() if args.data else None
-    ds = build.eval_dataset(cfg, split=args.split, root=root)
+    try:
+        ds = build.eval_dataset(cfg, split=args.split, root=root)
+    except UserError as e:
+        if "mask file(s) missing" not in str(e) or _split_has_masks(cfg, args.split, root):
+            raise
+        raise UserError(f"split {args.split!r} has no masks to score against{' (VOC test masks are not public)' if args.split == 'test' else ''}: "
+                        f"write a submission with `weakseg export-voc {args.checkpoint} --split {args.split}` "
+                        "and score it on the PASCAL VOC evaluation server") from None
+    voc_val = len(ds) == VOC2012_VAL_IMAGES and args.limit == 0  # the paper's numbers are for this set only
     ds = build.limit(ds, args.limit)
     loader = build.eval_loader(ds, build.LoaderOptions(workers=args.workers, pin_memory=device.type == "cuda"))
     result = evaluate(
@@ -137,7 +146,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out = ckpt.resolve().parent.parent / tag
     names = list(VOC_CLASSES[: cfg.model.num_classes])
     reference = None
-    if cfg.data.dataset != "synthetic" and args.split == "val":
+    if cfg.data.dataset != "synthetic" and voc_val and cfg.model.num_classes == 21:
         from weakseg.report import PAPER_TABLE1_OURS
 
         reference = PAPER_TABLE1_OURS
@@ -178,6 +187,17 @@ def _model_checkpoint(source: str, tracking_uri: str | None) -> Path | None:
 
     with quiet_mlflow():
         return checkpoint_of_model(source, tracking_uri)
+
+
+def _split_has_masks(cfg, split: str, root: Path | None) -> bool:
+    """Whether any image of the split has a mask (none: a test split, to be scored by the server)."""
+    from weakseg.data import build
+    from weakseg.data.voc import VOCSegmentation
+
+    ds = VOCSegmentation(root if root is not None else build.voc_root(cfg.data), split, with_masks=False,
+                         with_labels=False)
+    return any((ds.root / d / f"{i}.png").is_file() for i in ds.ids
+               for d in ("SegmentationClass", "SegmentationClassAug"))
 
 
 def _crf_params(args: argparse.Namespace):
@@ -295,6 +315,19 @@ def cmd_export_voc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pseudo_labels(args: argparse.Namespace) -> int:
+    from weakseg.pseudo import write_pseudo_labels
+
+    out = Path(args.out).resolve()
+    write_pseudo_labels(
+        Path(args.checkpoint), out, data_root=Path(args.data).resolve() if args.data else None, split=args.split,
+        threshold=args.threshold, crf=None if args.no_crf else _crf_params(args), device=args.device,
+        force=args.force, limit=args.limit,
+    )
+    print(f"train on them with: weakseg train CONFIG --set supervision=pseudo --set data.pseudo_root={out}")
+    return 0
+
+
 def cmd_cluster_validate(args: argparse.Namespace) -> int:
     from weakseg.cluster.validate import validate_cluster_config
 
@@ -306,16 +339,23 @@ def cmd_cluster_validate(args: argparse.Namespace) -> int:
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
     from weakseg.data.synthetic import make_synthetic
 
+    from weakseg.config import load_config
+    from weakseg.data.build import synthetic_difficulty
+
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     out = Path(args.out).resolve()
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise UserError(f"make-synthetic: {out} exists and is not empty (pass --force to replace a generated set)")
+    knobs = [f"data.synthetic_preset={args.preset}"]
+    for item in args.set:
+        if not item.startswith("data.synthetic_"):
+            raise UserError(f"make-synthetic --set {item!r}: only the data.synthetic_* difficulty keys can be set here")
+        knobs.append(item)
+    difficulty = synthetic_difficulty(load_config("demo", knobs).data)
     voc = make_synthetic(
         out, n_train=args.train, n_val=args.val, n_test=args.test, size=args.size,
-        seed=args.seed, classes=classes, test_masks=args.test_masks, overwrite=args.force,
+        seed=args.seed, classes=classes, test_masks=args.test_masks, overwrite=args.force, difficulty=difficulty,
     )
     print(f"synthetic VOC 2012 layout written to {voc}")
-    print(f"train with: weakseg train demo --set data.root={Path(args.out).resolve()}")
+    print(f"train with: weakseg train demo --set data.root={out} " + " ".join(f"--set {k}" for k in knobs))
     return 0
 
 
@@ -421,6 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace an existing archive")
     x.set_defaults(func=cmd_export_voc)
 
+    pl = sub.add_parser("pseudo-labels", help="CRF-refined label maps of the training images from a weak model "
+                                              "(second stage: train with supervision=pseudo)")
+    pl.add_argument("checkpoint")
+    pl.add_argument("--out", required=True, help="folder for <id>.png label maps (255: uncertain, ignored)")
+    pl.add_argument("--data", help="VOC root (default: the checkpoint's data.root)")
+    pl.add_argument("--split", default="train")
+    pl.add_argument("--threshold", type=float, default=0.8,
+                    help="pixels whose refined winning probability is below this are ignored (255)")
+    pl.add_argument("--no-crf", action="store_true", help="skip the dense CRF (the model's own probabilities)")
+    pl.add_argument("--crf-set", action="append", metavar="KEY=VALUE", help="override a CRF parameter")
+    pl.add_argument("--limit", type=int, default=0, help="first N images only (0: all)")
+    pl.add_argument("--device", default="auto")
+    pl.add_argument("--force", action="store_true", help="replace earlier pseudo labels in --out")
+    pl.set_defaults(func=cmd_pseudo_labels)
+
     c = sub.add_parser("cluster", help="cluster-launcher configs (see cluster/README.md)")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
     cv = csub.add_parser("validate", help="check `ray up` configs and KubeRay manifests before launching")
@@ -439,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--classes", help="comma-separated VOC class names (default: a built-in subset)")
     m.add_argument("--test-masks", action="store_true", help="also write test masks (real VOC has none)")
     m.add_argument("--force", action="store_true", help="replace an existing data set")
+    m.add_argument("--preset", choices=("default", "small", "clutter"), default="default",
+                   help="difficulty: today's set, small objects (2 classes of ~5-8 %% each), heavy clutter")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a difficulty knob, as the data.synthetic_* config keys (e.g. data.synthetic_clutter=2)")
     m.set_defaults(func=cmd_make_synthetic)
     return p
 

@@ -69,6 +69,18 @@ class DataConfig:
     synthetic_test: int = 50
     synthetic_size: int = 128
     synthetic_seed: int = 0
+    # difficulty of the generated set: a named preset, each knob overridable (unset: the preset's value)
+    synthetic_preset: Literal["default", "small", "clutter"] = "default"
+    synthetic_object_area_min: float | None = None  # target area of one object, fraction of the image
+    synthetic_object_area_max: float | None = None
+    synthetic_objects_min: int | None = None  # objects per image (unset with the default preset: 1-3)
+    synthetic_objects_max: int | None = None
+    synthetic_distinct: bool | None = None  # the objects of an image have distinct classes
+    synthetic_clutter: float | None = None  # multiplies the number of clutter shapes
+    synthetic_clutter_textured: float | None = None  # share of clutter shapes wearing an object texture
+    synthetic_texture_similarity: float | None = None  # 0: own texture per class; 1: a random class's
+    # supervision=pseudo: label maps written by `weakseg pseudo-labels` (<id>.png, 255 = ignore)
+    pseudo_root: str | None = field(default=None, metadata=PATH)
 
 
 def default_grad(variant: str) -> str:
@@ -99,6 +111,17 @@ class LossConfig:
     theta_beta: float = 80.0  # position (bilateral), input pixels; divided by the output stride
     w2: float = 3.0
     theta_gamma: float = 3.0  # position (smoothness), input pixels; divided by the output stride
+    # beyond the paper (weakseg.losses.image_level): BCE of the image labels against softmax probabilities
+    # pooled over the pixels, so object classes compete with background pixel by pixel
+    cls_weight: float = 0.0  # weight of the image-level loss added to eq. 18 (0: off)
+    cls_pool: Literal["lse", "avg", "max"] = "lse"  # log-sum-exp (sharpness cls_lse_r), average or max pooling
+    cls_lse_r: float = 5.0
+    cls_only_iters: int = 0  # first train the image-level loss alone, for at most this many iterations
+    cls_switch_auc: float = 0.0  # ... switching earlier at the first evaluation with val image AUC >= this (0: off)
+    # object-size-aware prior: the demand of each present class is c_fg (fixed), object_fraction (size: a
+    # dataset statistic), or its share of confident pixels p >= 0.5, clamped to [object_fraction, c_fg] (confident)
+    c_fg_mode: Literal["fixed", "size", "confident"] = "fixed"
+    object_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         # `auto` is resolved when the section is built, so every saved config, checkpoint and
@@ -136,6 +159,10 @@ class TrainConfig:
     log_every: int = 20
     progress: Literal["auto", "on", "off"] = "auto"  # progress bar; auto: when stderr is a terminal
     overlays: int = 4  # prediction overlays saved at each evaluation
+    # collapse check (weakseg.diagnostics): from this share of optim.iterations on, an evaluation with val image
+    # AUC below collapse_auc or next to no predicted foreground reports val/collapsed = 1 and warns
+    collapse_after: float = 0.25
+    collapse_auc: float = 0.6
 
 
 @dataclass(frozen=True)
@@ -147,7 +174,7 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = "weakseg"
-    supervision: Literal["weak", "full"] = "weak"  # full: pixel masks, the upper bound
+    supervision: Literal["weak", "full", "pseudo"] = "weak"  # full: pixel masks, the upper bound; pseudo: data.pseudo_root
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
@@ -481,6 +508,7 @@ def _validate(cfg: Config) -> None:
         _check(getattr(d, k) >= 1, f"data.{k}", "must be at least 1")
     _check(d.synthetic_size >= 32, "data.synthetic_size", "must be at least 32")
     _check(l.lam >= 0, "loss.lam", f"must be >= 0 (got {l.lam})")
+    _validate_beyond_paper(cfg)
     _check(l.lam_warmup >= 0, "loss.lam_warmup", "must be >= 0")
     _check(0 <= l.c_bg <= 1, "loss.c_bg", f"must lie in [0, 1] (got {l.c_bg})")
     _check(0 <= l.c_fg <= 1, "loss.c_fg", f"must lie in [0, 1] (got {l.c_fg})")
@@ -513,6 +541,27 @@ def _validate(cfg: Config) -> None:
         "train.device",
         f"must be auto, cpu, cuda or cuda:N (got {t.device!r})",
     )
+
+
+def _validate_beyond_paper(cfg: Config) -> None:
+    """The image-level loss, the size-aware prior, the collapse check and pseudo labels."""
+    l, t = cfg.loss, cfg.train
+    _check(l.cls_weight >= 0, "loss.cls_weight", f"must be >= 0 (got {l.cls_weight})")
+    _check(l.cls_lse_r > 0, "loss.cls_lse_r", f"must be > 0 (got {l.cls_lse_r})")
+    _check(l.cls_only_iters >= 0, "loss.cls_only_iters", "must be >= 0")
+    _check(0 <= l.cls_switch_auc <= 1, "loss.cls_switch_auc", "must lie in [0, 1] (0: off)")
+    _check(l.cls_only_iters == 0 or l.cls_weight > 0, "loss.cls_only_iters",
+           "an image-level phase needs loss.cls_weight > 0")
+    _check(l.cls_switch_auc == 0 or l.cls_only_iters > 0, "loss.cls_switch_auc",
+           "switches out of the image-level phase: set loss.cls_only_iters (its longest length) too")
+    _check(0 < l.object_fraction <= 1, "loss.object_fraction", f"must lie in (0, 1] (got {l.object_fraction})")
+    if l.c_fg_mode == "confident":
+        _check(l.object_fraction <= l.c_fg, "loss.object_fraction", "confident mode clamps to "
+               f"[object_fraction, c_fg]: needs object_fraction <= c_fg (got {l.object_fraction} > {l.c_fg})")
+    _check(0 <= t.collapse_after <= 1, "train.collapse_after", "must lie in [0, 1] (a share of optim.iterations)")
+    _check(0 <= t.collapse_auc <= 1, "train.collapse_auc", "must lie in [0, 1]")
+    _check(cfg.supervision != "pseudo" or cfg.data.pseudo_root is not None, "supervision",
+           "supervision=pseudo needs data.pseudo_root (a folder written by `weakseg pseudo-labels`)")
 
 
 def config_from_dict(d: Mapping[str, Any], origin: str = "checkpoint") -> Config:

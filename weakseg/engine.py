@@ -27,9 +27,11 @@ from weakseg.checkpoint import load_checkpoint, load_weights, model_from_config,
 from weakseg.config import Config, save_config
 from weakseg.data import build
 from weakseg.data.classes import IGNORE_INDEX, VOC_CLASSES
+from weakseg.diagnostics import ImageLevelMeter, object_iou
 from weakseg.errors import UserError
 from weakseg.io import atomic_write_text, csv_text
-from weakseg.losses.objective import LossParts, full_loss, lam_at, weak_loss
+from weakseg.losses.image_level import weak_loss_with_image_level
+from weakseg.losses.objective import LossParts, full_loss, lam_at
 from weakseg.metrics import BoundaryMetrics, ConfusionMatrix, SegMetrics
 from weakseg.model import upsample_logits
 
@@ -80,6 +82,7 @@ class EvalResult:
     overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]
     images: int
     seconds: float
+    image_level: dict[str, float] = field(default_factory=dict)  # weakseg.diagnostics.ImageLevelMeter.compute()
 
     def scalars(self, prefix: str = "val") -> dict[str, float]:
         """Flat metrics for loggers: miou, pixel accuracy, per-class IoU (all classes, NaN where a class is
@@ -95,6 +98,8 @@ class EvalResult:
             for w, acc in b.trimap.items():
                 if not math.isnan(acc):
                     out[f"{prefix}/trimap_acc/{w}px"] = float(acc)
+        out[f"{prefix}/object_iou"] = object_iou(m.iou)
+        out.update({f"{prefix}/{k}": v for k, v in self.image_level.items()})
         return out
 
 
@@ -126,6 +131,7 @@ def evaluate(
     """
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
+    meter = ImageLevelMeter(num_classes)
     bm = BoundaryMetrics(num_classes, ignore_index=IGNORE_INDEX) if boundary else None
     kept: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
     t0, n = time.perf_counter(), 0
@@ -134,6 +140,8 @@ def evaluate(
         for batch in _progress(loader, progress, "eval"):
             image = batch["image"].to(device, non_blocking=True)  # (1, 3, H, W) uint8
             probs = predict_probs(model, image, amp)  # (1, C, H, W)
+            if "labels" in batch:
+                meter.add_probs(probs[0], batch["labels"][0])
             yield batch["mask"][0], batch["image"][0], probs[0]
 
     stream: Iterable[tuple[Tensor, Tensor, Tensor]] = predictions()
@@ -145,6 +153,7 @@ def evaluate(
         pred = probs.argmax(dim=0)  # (H, W)
         mask = mask.to(pred.device)
         cm.update(pred, mask)
+        meter.add_prediction(pred, mask)
         if bm is not None or len(kept) < overlays:
             pred_np, mask_np = pred.cpu().numpy(), mask.cpu().numpy()
             if bm is not None:
@@ -160,6 +169,7 @@ def evaluate(
         overlays=kept,
         images=n,
         seconds=time.perf_counter() - t0,
+        image_level=meter.compute(),
     )
 
 
@@ -201,6 +211,8 @@ class TrainState:
     # chosen on the same val images, so it overestimates); the result is `final_miou`
     best_miou: float = float("nan")
     history: list[dict[str, float]] = field(default_factory=list)
+    train_log: list[dict[str, float]] = field(default_factory=list)  # the logged training scalars (train_log.csv)
+    image_phase_over: bool = False  # the classification-first phase ended early (loss.cls_switch_auc reached)
 
     @property
     def final_miou(self) -> float:
@@ -246,11 +258,12 @@ def train_step(
     valid = valid.to(device, non_blocking=True) if valid is not None else None
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         logits = model(image)  # (B, C, h, w)
-    if cfg.supervision == "full":
+    if cfg.supervision in ("full", "pseudo"):  # pseudo: the cross-entropy on pseudo label maps
         parts = full_loss(logits, batch["mask"].to(device, non_blocking=True))
     else:
         labels = batch["labels"].to(device, non_blocking=True)  # (B, C)
-        parts = weak_loss(logits, labels, image.float(), cfg.loss, lam_at(cfg.loss, state.iteration), valid)
+        parts = weak_loss_with_image_level(logits, labels, image.float(), cfg.loss, lam_at(cfg.loss, state.iteration),
+                                           in_image_phase(cfg, state), valid)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(parts.total).backward()
     if cfg.optim.grad_clip > 0:
@@ -301,6 +314,10 @@ def fit(
     state = TrainState(model, optimizer, scheduler, scaler)
     if resume_from is not None:
         _restore(state, resume_from, device)
+        thr = cfg.loss.cls_switch_auc  # did an evaluation before the checkpoint end the image-level phase?
+        state.image_phase_over = thr > 0 and any(r.get("val/image_auc", -1.0) >= thr for r in state.history)
+        print(f"weakseg: resuming from iteration {state.iteration} of {cfg.optim.iterations} ({resume_from})",
+              flush=True)
     if cfg.train.compile:
         model = torch.compile(model)
         state.model = model
@@ -332,12 +349,22 @@ def fit(
                                 neighb=f"{scalars['train/loss_neighb']:.3f}", lam=f"{scalars['train/lambda']:.2g}",
                                 img_s=f"{scalars['train/images_per_s']:.1f}")
             reporter.log(it, scalars)
+            state.train_log.append({"iteration": it, **scalars})
         if evaluate_now:
             _evaluate_and_checkpoint(state, cfg, run_dir, val_loader, device, amp, progress, reporter, final=it == total)
             model.train()
         elif checkpoint_now:
             _save_last(state, cfg, run_dir, state.history[-1] if state.history else {})
+            _write_history(run_dir / TRAIN_LOG, state.train_log)
     return state
+
+
+TRAIN_LOG = "train_log.csv"  # the run's training scalars (losses, λ, learning rates), written with each checkpoint
+
+
+def in_image_phase(cfg: Config, state: TrainState) -> bool:
+    """Whether this step trains the image-level loss alone (the classification-first phase)."""
+    return state.iteration < cfg.loss.cls_only_iters and not state.image_phase_over
 
 
 def _save_last(state: TrainState, cfg: Config, run_dir: Path, metrics: dict[str, float]) -> None:
@@ -355,8 +382,11 @@ class _Window:
         self.images, self.seconds, self.steps = 0, 0.0, 0
 
     def add(self, parts: LossParts, images: int, seconds: float, state: TrainState, flush: bool) -> dict[str, float]:
-        for k in ("total", "cls", "neighb"):
-            v = getattr(parts, k).detach()
+        for k in ("total", "cls", "neighb", "image"):
+            v = getattr(parts, k)
+            if v is None:
+                continue
+            v = v.detach()
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.images += images
         self.seconds += seconds
@@ -376,6 +406,7 @@ class _Window:
             "train/loss_class": means["cls"],
             "train/loss_neighb": means["neighb"],
             "train/lambda": parts.lam,
+            **({"train/loss_image": means["image"]} if "image" in means else {}),
             "train/images_per_s": self.images / max(self.seconds, 1e-9),
             **lrs,
         }
@@ -392,18 +423,50 @@ def _evaluate_and_checkpoint(state, cfg, run_dir, val_loader, device, amp, progr
     )
     scalars = result.scalars("val")
     scalars["iteration"] = state.iteration
+    _check_learning(state, cfg, scalars)
     miou = result.metrics.miou
     if math.isnan(state.best_miou) or miou > state.best_miou:
         state.best_miou = miou
     _save_last(state, cfg, run_dir, scalars)
     state.history.append(scalars)
     _write_history(run_dir / "metrics.csv", state.history)
+    _write_history(run_dir / TRAIN_LOG, state.train_log)
     eval_dir = run_dir / "eval"
-    write_class_table(class_table(result.metrics, result.boundary), eval_dir / "classes.csv", eval_dir / "classes.md")
+    table = class_table(result.metrics, result.boundary)
+    write_class_table(table, eval_dir / "classes.csv", eval_dir / "classes.md")
+    # every evaluation's table stays, so the one behind any checkpoint can be found again
+    each = eval_dir / f"iter-{state.iteration:06d}"
+    write_class_table(table, each / "classes.csv", each / "classes.md")
     plot_confusion(result.metrics.matrix, list(VOC_CLASSES[: cfg.model.num_classes]), eval_dir / "confusion.png")
     if result.overlays:
         save_overlays(result.overlays, eval_dir / "overlays.png")
     reporter.evaluated(state.iteration, scalars, result, final)
+
+
+def _check_learning(state: TrainState, cfg: Config, scalars: dict[str, float]) -> None:
+    """Add the prior's foreground demand and the collapse flag to an evaluation's scalars; warn on collapse.
+
+    Also ends the classification-first phase early once val image AUC reaches loss.cls_switch_auc.
+    """
+    from weakseg.diagnostics import collapse_scalars, fg_demand
+
+    l = cfg.loss
+    n = scalars.get("val/classes_per_image")
+    if n is not None:
+        c = l.object_fraction if l.c_fg_mode == "size" else l.c_fg  # confident mode: its ceiling
+        scalars["val/fg_demand"] = fg_demand(n, l.c_bg, c)
+    armed = cfg.supervision != "full" and state.iteration >= cfg.train.collapse_after * cfg.optim.iterations
+    flag, reason = collapse_scalars(scalars, "val", armed, cfg.train.collapse_auc)
+    scalars.update(flag)
+    if reason:
+        print(f"weakseg: WARNING: weak training looks collapsed at iteration {state.iteration}: {reason}. "
+              "Try the image-level loss (loss.cls_weight, loss.cls_only_iters), a smaller loss.c_fg or "
+              "loss.c_fg_mode=size, or a pretrained backbone.", file=sys.stderr, flush=True)
+    auc = scalars.get("val/image_auc", math.nan)
+    if l.cls_switch_auc > 0 and in_image_phase(cfg, state) and auc >= l.cls_switch_auc:
+        state.image_phase_over = True
+        print(f"weakseg: val image AUC {auc:.3f} >= loss.cls_switch_auc: the pixel loss starts at iteration "
+              f"{state.iteration}", flush=True)
 
 
 def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
@@ -437,3 +500,9 @@ def _restore(state: TrainState, path: Path, device: torch.device) -> None:
             ]
     elif metrics:
         state.history = [metrics]
+    log = path.parent.parent / TRAIN_LOG
+    if log.is_file():
+        with log.open() as f:
+            state.train_log = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)
+                               if float(row.get("iteration", 0) or 0) <= state.iteration]
+

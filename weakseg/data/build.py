@@ -32,12 +32,59 @@ def voc_root(d: DataConfig) -> Path:
     raise UserError("data.root is not set: pass --set data.root=/path/to/VOCdevkit (the folder holding VOC2012)")
 
 
+def synthetic_difficulty(d: DataConfig):
+    """The generator's `Difficulty` for a DataConfig: its preset, with the knobs that are set replacing its values."""
+    import dataclasses
+
+    from weakseg.data.synthetic import PRESETS
+
+    base = PRESETS[d.synthetic_preset]
+    area = (d.synthetic_object_area_min if d.synthetic_object_area_min is not None else base.object_area[0],
+            d.synthetic_object_area_max if d.synthetic_object_area_max is not None else base.object_area[1])
+    objects = base.objects
+    if d.synthetic_objects_min is not None or d.synthetic_objects_max is not None:
+        lo = d.synthetic_objects_min if d.synthetic_objects_min is not None else (objects[0] or 1)
+        objects = (lo, d.synthetic_objects_max if d.synthetic_objects_max is not None else max(lo, objects[1]))
+    knobs = {"distinct": d.synthetic_distinct, "clutter": d.synthetic_clutter,
+             "clutter_textured": d.synthetic_clutter_textured, "texture_similarity": d.synthetic_texture_similarity}
+    return dataclasses.replace(base, object_area=area, objects=objects,
+                               **{k: v for k, v in knobs.items() if v is not None})
+
+
+def _check_synthetic_root(root: Path, d: DataConfig) -> None:
+    """A root that is not our generated set is the user's data: say which dataset key reads it."""
+    import json
+
+    from weakseg.data.synthetic import MANIFEST
+
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        if root.is_dir() and any(root.iterdir()):
+            raise UserError(
+                f"data.root {root} holds data that weakseg did not generate, but data.dataset=synthetic (the demo "
+                "config's default) reads or generates a synthetic set there: pass --set data.dataset=voc to train "
+                "on your own VOC-layout data (data.root: the folder holding VOCdevkit, VOCdevkit or VOC2012)")
+        return
+    try:
+        recorded = json.loads(manifest.read_text()).get("difficulty")
+    except (OSError, ValueError):
+        raise UserError(f"{manifest}: unreadable; delete {root} to regenerate the synthetic set") from None
+    wanted = synthetic_difficulty(d).to_dict()
+    if recorded is not None and recorded != wanted:
+        diff = ", ".join(f"{k}: {recorded.get(k)} (wanted {v})" for k, v in wanted.items() if recorded.get(k) != v)
+        raise UserError(f"data.root {root} holds a synthetic set of another difficulty ({diff}): "
+                        "use another data.root for these data.synthetic_* settings")
+
+
 def ensure_synthetic(d: DataConfig) -> Path:
     """Generate the synthetic data set under data.root on first use (dataset=synthetic only)."""
     root = voc_root(d)
+    if d.dataset == "synthetic" and (root / "VOCdevkit" / "VOC2012").is_dir():
+        _check_synthetic_root(root, d)
     if d.dataset == "synthetic" and not (root / "VOCdevkit" / "VOC2012").is_dir():
         from weakseg.data.synthetic import make_synthetic
 
+        _check_synthetic_root(root, d)
         print(f"weakseg: generating the synthetic data set in {root}", flush=True)
         try:
             make_synthetic(
@@ -47,6 +94,7 @@ def ensure_synthetic(d: DataConfig) -> Path:
                 n_test=d.synthetic_test,
                 size=d.synthetic_size,
                 seed=d.synthetic_seed,
+                difficulty=synthetic_difficulty(d),
             )
         except (FileExistsError, UserError):
             if not (root / "VOCdevkit" / "VOC2012").is_dir():
@@ -60,7 +108,7 @@ def train_dataset(cfg: Config) -> Dataset:
     from weakseg.data.transforms import train_transform
 
     d = cfg.data
-    full = cfg.supervision == "full"
+    full = cfg.supervision in ("full", "pseudo")  # pseudo: masks from data.pseudo_root
     tf = train_transform(
         crop_size=d.crop_size,
         scale=(d.scale_min, d.scale_max),
@@ -87,6 +135,7 @@ def train_dataset(cfg: Config) -> Dataset:
         labels_file=Path(d.labels_file) if d.labels_file else None,
         sbd_root=Path(d.sbd_root) if d.sbd_root else None,
         max_pixels=d.max_pixels,
+        mask_root=Path(d.pseudo_root) if cfg.supervision == "pseudo" else None,
     )
 
 

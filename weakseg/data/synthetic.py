@@ -9,6 +9,12 @@ background gradient and with the clutter shapes (which are not objects).
 Objects (1-3 an image, classes may repeat) can be truncated by the border and
 occlude each other. Masks have VOC's void (255) band along object boundaries.
 
+Difficulty knobs (`Difficulty`, named presets in `PRESETS`): object size,
+objects and distinct classes per image, amount of clutter, clutter painted
+with object textures, and texture/colour similarity between classes. The
+default `Difficulty()` draws exactly the random numbers of the original
+generator, so existing sets are reproduced byte for byte.
+
 Determinism: one numpy generator per image, seeded by (seed, split, index);
 fixed JPEG settings; no timestamps. Same seed, same bytes (on one platform).
 """
@@ -333,6 +339,48 @@ STYLES: dict[str, ClassStyle] = {
 assert set(STYLES) == set(VOC_CLASSES[1:])
 
 
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard the set is. Every default reproduces the original generator byte for byte."""
+
+    object_area: tuple[float, float] = (0.12, 0.35)  # target area of one object, fraction of the image (before
+    # truncation by the border, at most 40 %, and occlusion)
+    objects: tuple[int, int] = (0, 0)  # objects per image, uniform in [min, max]; (0, 0): 1/2/3 w.p. .5/.35/.15
+    distinct: bool = False  # the objects of one image have distinct classes (then classes per image = objects)
+    clutter: float = 1.0  # multiplies the number of clutter shapes (3-8 an image)
+    clutter_textured: float = 0.0  # probability that a clutter shape wears an object class's texture and colours
+    texture_similarity: float = 0.0  # 0: each class its own texture and colours; 1: a random class's (shape only)
+
+    def check(self, n_classes: int) -> None:
+        lo, hi = self.object_area
+        if not 0 < lo <= hi <= 0.6:
+            raise UserError(f"make_synthetic: object_area must satisfy 0 < min <= max <= 0.6, got {self.object_area}")
+        a, b = self.objects
+        if (a, b) != (0, 0) and not 1 <= a <= b <= 8:
+            raise UserError(f"make_synthetic: objects must satisfy 1 <= min <= max <= 8 (or 0, 0), got {self.objects}")
+        if self.distinct and max(b, 3) > n_classes:
+            raise UserError(f"make_synthetic: distinct classes need at least {max(b, 3)} classes, got {n_classes}")
+        if not 0 <= self.clutter <= 10:
+            raise UserError(f"make_synthetic: clutter must lie in [0, 10], got {self.clutter}")
+        for name in ("clutter_textured", "texture_similarity"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"make_synthetic: {name} must lie in [0, 1], got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return {"object_area": list(self.object_area), "objects": list(self.objects), "distinct": self.distinct,
+                "clutter": self.clutter, "clutter_textured": self.clutter_textured,
+                "texture_similarity": self.texture_similarity}
+
+
+# The settings of the difficulty sweep: today's set; small objects (about 5-8 % of the image per
+# class, 2 classes per image); heavy clutter, a third of it wearing object textures.
+PRESETS: dict[str, Difficulty] = {
+    "default": Difficulty(),
+    "small": Difficulty(object_area=(0.08, 0.12), objects=(2, 2), distinct=True),
+    "clutter": Difficulty(clutter=3.0, clutter_textured=0.35),
+}
+
+
 @dataclass
 class SynthObject:
     """One object as written to the XML annotation (bndbox 1-based, inclusive)."""
@@ -348,7 +396,8 @@ def _jitter(rng: np.random.Generator, colour: Arr, std: float) -> Arr:
     return np.clip(colour + rng.normal(0.0, std, 3).astype(np.float32), 0, 255)
 
 
-def _background(rng: np.random.Generator, h: int, w: int, size: int) -> Arr:
+def _background(rng: np.random.Generator, h: int, w: int, size: int, classes: Sequence[str] = DEFAULT_CLASSES,
+                diff: Difficulty = Difficulty()) -> Arr:
     """Gradient + low-frequency colour noise + mid-frequency grain + clutter shapes: (h, w, 3)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     c1 = _jitter(rng, PALETTE[rng.integers(len(PALETTE))], 25)
@@ -360,7 +409,7 @@ def _background(rng: np.random.Generator, h: int, w: int, size: int) -> Arr:
     img += (_smooth_noise(rng, h, w, int(rng.integers(3, 7)), 3) - 0.5) * 45.0
     img += (_smooth_noise(rng, h, w, max(8, size // 6), 1) - 0.5) * 20.0
     # Clutter: flat or grainy shapes and lines that are not objects (label 0).
-    for _ in range(int(rng.integers(3, 9))):
+    for _ in range(int(rng.integers(round(3 * diff.clutter), round(8 * diff.clutter) + 1))):
         col = _jitter(rng, PALETTE[rng.integers(len(PALETTE))], 25)
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)
         kind = rng.integers(4)
@@ -381,6 +430,9 @@ def _background(rng: np.random.Generator, h: int, w: int, size: int) -> Arr:
                 th = np.arctan2(y, x)
                 m = r <= 1 + 0.3 * np.sin(3 * th + rng.uniform(0, 6.3))
         alpha = rng.uniform(0.6, 1.0)
+        if diff.clutter_textured > 0 and rng.random() < diff.clutter_textured:  # a distractor: object texture, no label
+            col = _class_paint(rng, STYLES[classes[int(rng.integers(len(classes)))]], xx - cx, yy - cy, size)
+            col, alpha = col[m], 1.0
         img[m] = img[m] * (1 - alpha) + col * alpha
     return img
 
@@ -397,8 +449,17 @@ def _void_band(inst: Arr, k: int) -> Arr:
     return band
 
 
+def _class_paint(rng: np.random.Generator, style: ClassStyle, x: Arr, y: Arr, size: int) -> Arr:
+    """A class's texture in its colours over the whole grid, centred at x = y = 0: (h, w, 3)."""
+    u, v = x / (0.15 * size), y / (0.15 * size)
+    c1 = _jitter(rng, PALETTE[style.colours[0]], 18)
+    c2 = _jitter(rng, PALETTE[style.colours[1]], 18)
+    t = _tex(style.texture, x, y, u, v, style.period * size, rng.uniform(-0.5, 0.5), rng)[..., None]
+    return c1 * (1 - t) + c2 * t
+
+
 def render_image(
-    rng: np.random.Generator, size: int, classes: Sequence[str]
+    rng: np.random.Generator, size: int, classes: Sequence[str], difficulty: Difficulty = Difficulty()
 ) -> tuple[Arr, Arr, list[SynthObject]]:
     """One image: (uint8 (H, W, 3) RGB, uint8 (H, W) class mask with 255 void, objects).
 
@@ -409,27 +470,32 @@ def render_image(
     short = int(round(size * rng.uniform(0.66, 0.95)))
     h, w = (short, size) if rng.random() < 0.7 else (size, short)
     while True:  # a layout whose objects all stay visible (almost always the first)
-        result = _try_render(rng, size, h, w, classes)
+        result = _try_render(rng, size, h, w, classes, difficulty)
         if result is not None:
             return result
 
 
-def _try_render(rng: np.random.Generator, size: int, h: int, w: int, classes: Sequence[str]):
-    img = _background(rng, h, w, size)
+def _try_render(rng: np.random.Generator, size: int, h: int, w: int, classes: Sequence[str],
+                d: Difficulty = Difficulty()):
+    img = _background(rng, h, w, size, classes, d)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     band_k = max(1, round(size / 200))
     min_px = max(12, (h * w) // 150)
 
-    n_obj = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
+    if d.objects == (0, 0):
+        n_obj = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
+    else:
+        n_obj = int(rng.integers(d.objects[0], d.objects[1] + 1))
     objs = []  # (name, shape mask, pixels, truncated, pose)
     for _ in range(n_obj):
-        name = classes[int(rng.integers(len(classes)))]
+        pool = [c for c in classes if c not in {o[0] for o in objs}] if d.distinct else classes
+        name = pool[int(rng.integers(len(pool)))]
         style = STYLES[name]
         for _attempt in range(20):  # mostly inside the image, not too small
             # Size by target area (12-35% of the image), so thin classes are not
             # tiny: the weak-label prior asks each present class for ~20% of pixels.
             aspect = rng.uniform(*style.aspect)
-            area = rng.uniform(0.12, 0.35) * h * w
+            area = rng.uniform(*d.object_area) * h * w
             b = math.sqrt(area / (4 * aspect * _fill_ratio(style)))  # half-height in pixels
             b = min(b, 0.55 * h)
             a = min(b * aspect, 0.55 * w)
@@ -445,6 +511,12 @@ def _try_render(rng: np.random.Generator, size: int, h: int, w: int, classes: Se
         c1 = _jitter(rng, PALETTE[style.colours[0]], 18) * rng.uniform(0.8, 1.15)
         c2 = _jitter(rng, PALETTE[style.colours[1]], 18) * rng.uniform(0.8, 1.15)
         t = _tex(style.texture, flip * x, y, u, v, style.period * size, rng.uniform(-0.5, 0.5), rng)
+        if d.texture_similarity > 0:  # blend in a random class's texture and colours
+            s, other = d.texture_similarity, STYLES[classes[int(rng.integers(len(classes)))]]
+            t2 = _tex(other.texture, flip * x, y, u, v, other.period * size, rng.uniform(-0.5, 0.5), rng)
+            t = (1 - s) * t + s * t2
+            c1 = (1 - s) * c1 + s * _jitter(rng, PALETTE[other.colours[0]], 18)
+            c2 = (1 - s) * c2 + s * _jitter(rng, PALETTE[other.colours[1]], 18)
         pix = c1 * (1 - t[..., None]) + c2 * t[..., None]  # (h, w, 3)
         pix *= (1.0 + rng.uniform(-0.15, 0.15) * v)[..., None]  # shading
         pix += (_smooth_noise(rng, h, w, 4, 3) - 0.5) * 24.0
@@ -570,13 +642,13 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"make_synthetic: {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():  # never offer to overwrite someone's own data (e.g. a VOC tree)
+            raise UserError(
+                f"make_synthetic: refusing to write into {out}: it is not empty and has no {MANIFEST}, "
+                "so it was not written by make_synthetic (choose an empty or new folder)"
+            )
         if not overwrite:
             raise UserError(f"make_synthetic: {out} exists and is not empty; pass overwrite=True (CLI: --force) to replace it")
-        if not (out / MANIFEST).is_file():
-            raise UserError(
-                f"make_synthetic: refusing to replace {out}: it is not empty and has no {MANIFEST}, "
-                "so it was not written by make_synthetic"
-            )
 
 
 def make_synthetic(
@@ -589,6 +661,7 @@ def make_synthetic(
     classes: Sequence[str] | None = None,
     test_masks: bool = False,
     overwrite: bool = False,
+    difficulty: Difficulty = Difficulty(),
 ) -> Path:
     """Write a synthetic VOC 2012 devkit under `out`; return `out/VOCdevkit/VOC2012`.
 
@@ -603,6 +676,7 @@ def make_synthetic(
     out = Path(out)
     counts = {"train": n_train, "val": n_val, "test": n_test}
     classes = _check_args(counts, size, classes)
+    difficulty.check(len(classes))
     _prepare_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -621,7 +695,7 @@ def make_synthetic(
             split_ids[split] = ids
             for i, image_id in enumerate(ids):
                 rng = np.random.default_rng([seed, s_idx, i])
-                image, mask, objects = render_image(rng, int(size), classes)
+                image, mask, objects = render_image(rng, int(size), classes, difficulty)
                 h, w = mask.shape
                 Image.fromarray(image).save(
                     dirs["JPEGImages"] / f"{image_id}.jpg", format="JPEG", quality=JPEG_QUALITY
@@ -638,6 +712,7 @@ def make_synthetic(
             "generator": "weakseg.data.synthetic.make_synthetic",
             "n_train": n_train, "n_val": n_val, "n_test": n_test, "size": int(size),
             "seed": int(seed), "classes": list(classes), "test_masks": bool(test_masks),
+            "difficulty": difficulty.to_dict(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_into_place(tmp, out, overwrite)

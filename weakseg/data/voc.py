@@ -315,6 +315,8 @@ class VOCSegmentation(Dataset):
         with_labels: False skips labels altogether (for the VOC test set,
             whose annotations list no objects): `"labels"` is then background
             only and must not be used for training.
+        mask_root: read masks as `<mask_root>/<id>.png` only (pseudo labels,
+            see `weakseg.pseudo`).
 
     `train_aug`: `ImageSets/Segmentation/train_aug.txt` when it exists, else
     (SBD train ∪ SBD val ∪ VOC train) − VOC val, sorted; labels from the VOC
@@ -333,6 +335,7 @@ class VOCSegmentation(Dataset):
         sbd_root: Path | None = None,
         with_labels: bool = True,
         max_pixels: int = MAX_IMAGE_PIXELS,
+        mask_root: Path | None = None,
     ) -> None:
         self.max_pixels = max_pixels
         self.root = resolve_voc_root(root)
@@ -340,6 +343,7 @@ class VOCSegmentation(Dataset):
         self.with_masks = bool(with_masks)
         self.transform = transform
         self.sbd_root = resolve_sbd_root(sbd_root) if sbd_root is not None else None
+        self.mask_root = Path(mask_root) if mask_root is not None else None
         if not split or not re.fullmatch(r"[A-Za-z0-9_.-]+", split) or ".." in split:
             raise UserError(f"VOC root {self.root}: bad split name {split!r}")
         self.ids = self._read_ids(split)
@@ -394,6 +398,8 @@ class VOCSegmentation(Dataset):
 
     def _find_masks(self) -> list[Path]:
         dirs = [self.root / "SegmentationClass", self.root / "SegmentationClassAug"]
+        if self.mask_root is not None:  # pseudo labels: only there
+            dirs = [self.mask_root]
         paths, missing = [], []
         for i in self.ids:
             tried = [d / f"{i}.png" for d in dirs]

@@ -20,7 +20,7 @@ from torch import Tensor
 from weakseg.config import LossConfig
 from weakseg.data.classes import IGNORE_INDEX
 from weakseg.losses.neighborhood import neighborhood_loss
-from weakseg.losses.prior import pixel_label_targets
+from weakseg.losses.prior import foreground_demand, pixel_label_targets
 from weakseg.model import OUTPUT_STRIDE, output_size, upsample_logits
 
 
@@ -30,6 +30,7 @@ class LossParts:
     cls: Tensor  # scalar, L_class (or the full-supervision cross-entropy)
     neighb: Tensor  # scalar, KL term before λ (0 when off)
     lam: float  # λ used at this step (after warm-up)
+    image: Tensor | None = None  # scalar, the image-level loss before its weight (None when off)
 
 
 def lam_at(cfg: LossConfig, iteration: int) -> float:
@@ -69,7 +70,8 @@ def weak_loss(
     log_p = F.log_softmax(logits, dim=1)  # (B, C, h, w)
     p = log_p.exp()
     grid_valid = valid_on_grid(valid, tuple(logits.shape[-2:]))
-    q = pixel_label_targets(p.detach(), labels, c_bg=cfg.c_bg, c_fg=cfg.c_fg, valid=grid_valid)  # (B, C, h, w)
+    c_fg = foreground_demand(p.detach(), labels, cfg.c_fg_mode, cfg.c_fg, cfg.object_fraction, grid_valid)
+    q = pixel_label_targets(p.detach(), labels, c_bg=cfg.c_bg, c_fg=c_fg, valid=grid_valid)  # (B, C, h, w)
     ce = -(q * log_p).sum(dim=1)  # (B, h, w)
     if grid_valid is not None:
         w = grid_valid.to(ce.dtype)

@@ -134,13 +134,14 @@ FEAS_TOL = 1e-9  # slack allowed when choosing among end points (polished points
 EXPLORE_TOL = 1e-5  # the same when ranking the float32 end points (vertex rows sit on the boundary)
 
 
-def adaptive_prior(probs: Tensor, labels: Tensor, c_bg: float = 0.4, c_fg: float = 0.2,
+def adaptive_prior(probs: Tensor, labels: Tensor, c_bg: float = 0.4, c_fg: float | Tensor = 0.2,
                    valid: Tensor | None = None) -> Tensor:
     """Max-entropy prior β (B, C) of eq. 7 (eq. 22's minimum-violation point when infeasible).
 
     probs (B, C, h, w) softmax output; labels (B, C) in {0, 1}, background
     (class 0) always counted as present; valid (B, h, w) bool restricts the
-    pixel means to real (unpadded) pixels. β is 0 on absent classes and sums
+    pixel means to real (unpadded) pixels. c_fg may be a (B, C) tensor: a demand per image
+    and class (see `foreground_demand`; its background entries are ignored). β is 0 on absent classes and sums
     to 1 over present ones; returned in probs.dtype, without grad.
     """
     with torch.no_grad():
@@ -153,7 +154,7 @@ def adaptive_prior(probs: Tensor, labels: Tensor, c_bg: float = 0.4, c_fg: float
         return out.to(probs.dtype)
 
 
-def pixel_label_targets(probs: Tensor, labels: Tensor, c_bg: float = 0.4, c_fg: float = 0.2,
+def pixel_label_targets(probs: Tensor, labels: Tensor, c_bg: float = 0.4, c_fg: float | Tensor = 0.2,
                         valid: Tensor | None = None) -> Tensor:
     """Auxiliary ground truth q (B, C, h, w) of eq. 5: q_j(l) ∝ p_j(l) β_l, exactly 0 on absent classes.
 
@@ -170,6 +171,31 @@ def pixel_label_targets(probs: Tensor, labels: Tensor, c_bg: float = 0.4, c_fg: 
         if not prob.all_finite:
             out = torch.where(prob.finite[:, None, None], out, torch.full_like(out, math.nan))
         return out.view(probs.shape)
+
+
+def foreground_demand(probs: Tensor, labels: Tensor, mode: str, c_fg: float, object_fraction: float,
+                      valid: Tensor | None = None) -> float | Tensor:
+    """The c_fg to pass to the prior: the paper's constant, or one that follows the objects' size.
+
+    fixed: c_fg. size: object_fraction, a dataset statistic (the mean share of the image one
+    object class covers). confident: per image and class, the share of (valid) pixels with
+    p(l) >= 0.5, clamped to [object_fraction, c_fg], so the demand grows with what the
+    network already finds, from a floor, up to the paper's constant. Returns a float or (B, C).
+    """
+    if mode == "fixed":
+        return c_fg
+    if mode == "size":
+        return object_fraction
+    if mode != "confident":
+        raise UserError(f"unknown c_fg mode {mode!r} (fixed, size or confident)")
+    with torch.no_grad():
+        conf = (probs.detach() >= 0.5).flatten(2).to(torch.float64)  # (B, C, N)
+        if valid is None:
+            share = conf.mean(2)
+        else:
+            v = valid.flatten(1)[:, None].to(torch.float64)
+            share = (conf * v).sum(2) / v.sum(2).clamp(min=1.0)
+        return share.clamp(object_fraction, c_fg)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -190,9 +216,10 @@ def _real(name: str, value: object) -> float:
 class _Problem:
     """Validated inputs, restricted to each image's present classes (K = largest |y| in the batch)."""
 
-    def __init__(self, probs: Tensor, labels: Tensor, c_bg: float, c_fg: float,
+    def __init__(self, probs: Tensor, labels: Tensor, c_bg: float, c_fg: float | Tensor,
                  valid: Tensor | None) -> None:
-        c_bg, c_fg = _real("c_bg", c_bg), _real("c_fg", c_fg)
+        c_fg_t = c_fg if isinstance(c_fg, Tensor) else None
+        c_bg, c_fg = _real("c_bg", c_bg), (0.0 if c_fg_t is not None else _real("c_fg", c_fg))
         if not isinstance(probs, Tensor) or probs.dim() != 4 or not probs.is_floating_point():
             what = (f"{probs.dtype} of shape {tuple(probs.shape)}" if isinstance(probs, Tensor)
                     else type(probs).__name__)
@@ -208,6 +235,9 @@ class _Problem:
                             f"{tuple(getattr(valid, 'shape', ()))}")
         if h * w == 0:
             raise UserError(f"probs has no pixels: its grid is {h} × {w}")
+        if c_fg_t is not None and (tuple(c_fg_t.shape) != (B, C) or not bool(((c_fg_t >= 0) & (c_fg_t <= 1)).all())):
+            raise UserError(f"c_fg as a tensor must be (B, C) = ({B}, {C}) with values in [0, 1], got shape "
+                            f"{tuple(c_fg_t.shape)}")
         dev = probs.device
         self.B, self.C, self.N, self.device = B, C, h * w, dev
 
@@ -242,9 +272,14 @@ class _Problem:
         self.idx = order[:, :K]  # (B, K) class id per slot
         slot = torch.arange(K, device=dev)
         self.present = slot[None] < counts[:, None]  # (B, K)
-        c = torch.full((K,), c_fg, dtype=torch.float64, device=dev)
-        c[0] = c_bg  # (K,) in float64: c_fg = 0.2 must not pass through float32
-        self.c = c[None] * self.present  # (B, K), 0 on empty slots
+        if c_fg_t is None:
+            c = torch.full((K,), c_fg, dtype=torch.float64, device=dev)
+            c[0] = c_bg  # (K,) in float64: c_fg = 0.2 must not pass through float32
+            self.c = c[None] * self.present  # (B, K), 0 on empty slots
+        else:  # a demand per image and class
+            c = c_fg_t.detach().to(dev, torch.float64).gather(1, self.idx)  # (B, K)
+            c[:, 0] = c_bg
+            self.c = c * self.present
 
         p = x.gather(1, self.idx[:, :, None].expand(-1, -1, self.N)).to(torch.float64)  # (B, K, N)
         if not self.all_finite:

@@ -30,7 +30,7 @@ from ray.tune import Callback
 
 from weakseg.config import build_config, mapping_settings
 from weakseg.search.tracking import (TAG_ABSENT, SearchRun, _client, _log_files, _log_metrics, _log_params,
-                                     absent_classes, log_dataset, retry, summary_metrics)
+                                     absent_classes, log_dataset, retry, summary_metrics, tag_collapsed)
 from weakseg.search.trial import EVAL_FILES, TRAIN_LOG_FILE
 
 
@@ -158,6 +158,7 @@ class MlflowCallback(Callback):
         logged = retry(lambda: client.get_run(run_id), "reading a trial run").data.metrics
         self.log_new_metrics(client, run_id, {**scalars, **summary_metrics(scalars, logged)}, step)
         retry(lambda: client.set_tag(run_id, TAG_ABSENT, absent_classes(scalars)), "tagging a trial run")
+        tag_collapsed(client, run_id, scalars, step)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         self.send(f"logging the checkpoint of trial {trial.trial_id}", lambda: self._checkpointed(trial, checkpoint))

@@ -65,7 +65,7 @@ SETTINGS_KEYS = (
     "sampler", "samples", "metric", "mode", "scheduler", "max_concurrent", "resources", "max_failures", "seed",
     "storage_path", "results_dir", "mlflow",
 )
-METRICS = ("val/miou", "val/boundary_iou", "val/pixel_acc")
+METRICS = ("val/miou", "val/boundary_iou", "val/pixel_acc", "val/object_iou", "val/image_auc", "val/image_map")
 MAX_CHOICES = 1000  # values of one `choice` list: a search samples tens of trials, not millions
 
 

@@ -42,6 +42,7 @@ TAG_DIRTY = "weakseg.git_dirty"  # "true" when the checkout had uncommitted chan
 TAG_MODEL = "weakseg.model_uri"  # on a search's parent run: the registered model (models:/NAME/VERSION)
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 SUMMARY_KEYS = ("val/miou", "val/boundary_iou")  # logged once more per run as best/<key> and final/<key>
+TAG_COLLAPSED = "weakseg.collapsed"  # an evaluation flagged val/collapsed: its iteration, image AUC, foreground
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 
@@ -499,6 +500,7 @@ class TrainRunReporter:
         logged = retry(lambda: self.client.get_run(self.run_id), "reading the training run").data.metrics
         _log_metrics(self.client, self.run_id, {**scalars, **summary_metrics(scalars, logged)}, iteration)
         retry(lambda: self.client.set_tag(self.run_id, TAG_ABSENT, absent_classes(scalars)), "tagging the training run")
+        tag_collapsed(self.client, self.run_id, scalars, iteration)
         _log_files(self.client, self.run_id, eval_artifacts(self.run_dir), "eval")
         if self.inner is not None:
             self.inner.evaluated(iteration, scalars, result, final)
@@ -517,6 +519,14 @@ class TrainRunReporter:
             with contextlib.suppress(Exception):
                 self.client.set_tag(self.run_id, TAG_ERROR, str(error)[:4000])
         retry(lambda: self.client.set_terminated(self.run_id, status=status), "closing the training run")
+
+
+def tag_collapsed(client, run_id: str, scalars: Mapping[str, float], iteration: int) -> None:
+    """Tag a run whose evaluation reported val/collapsed = 1 (weak training learning nothing); the latest one wins."""
+    if scalars.get("val/collapsed", 0.0) >= 0.5:
+        auc, fg = scalars.get("val/image_auc", math.nan), scalars.get("val/fg_fraction", math.nan)
+        text = f"iteration {iteration}: image AUC {auc:.3f}, predicted foreground {fg:.3f}"
+        retry(lambda: client.set_tag(run_id, TAG_COLLAPSED, text), "tagging a collapsed run")
 
 
 def log_evaluation(uri: str, experiment: str, run_name: str, params: Mapping[str, Any],
