@@ -64,13 +64,23 @@ def schedule(args: argparse.Namespace) -> list[str]:
 def run_one(label: str, sets: list[str], args: argparse.Namespace) -> dict:
     """Train one run (resuming an interrupted one); its wall time adds up over resumes in wall_seconds.txt."""
     out = Path(args.out).resolve() / slug(sets)  # named by what it runs: reusable whatever RUNS holds
+    items = COMMON + [f"data.root={args.data}"] + schedule(args) + sets
+    rows, spent = train_resumable(out, items, args.iterations, label)
+    return {"label": label, "sets": sets, "seconds": spent, "rows": rows}
+
+
+def train_resumable(out: Path, items: list[str], iterations: int, label: str, config: str = "demo"
+                    ) -> tuple[list[dict], float]:
+    """`weakseg train CONFIG --set ITEMS --out OUT`, resumed if interrupted, skipped if done: (metrics rows, wall s).
+
+    The wall time adds up over resumes in OUT/wall_seconds.txt; each run gets one thread.
+    """
     out.mkdir(parents=True, exist_ok=True)
     clock = out / "wall_seconds.txt"
     spent = float(clock.read_text()) if clock.is_file() else 0.0
     rows = list(csv.DictReader((out / "metrics.csv").open())) if (out / "metrics.csv").is_file() else []
-    if not rows or int(float(rows[-1]["iteration"])) < args.iterations:
-        items = COMMON + [f"data.root={args.data}"] + schedule(args) + sets
-        cmd = [sys.executable, "-m", "weakseg", "train", "demo", *[x for s in items for x in ("--set", s)],
+    if not rows or int(float(rows[-1]["iteration"])) < iterations:
+        cmd = [sys.executable, "-m", "weakseg", "train", config, *[x for s in items for x in ("--set", s)],
                "--out", str(out)]
         if (out / "checkpoints" / "last.pt").exists():
             cmd.append("--resume")
@@ -83,7 +93,7 @@ def run_one(label: str, sets: list[str], args: argparse.Namespace) -> dict:
             raise SystemExit(f"{label}: failed\n{r.stderr[-2000:]}")
         rows = list(csv.DictReader((out / "metrics.csv").open()))
     print(f"{label}: val mIoU {pct(rows[-1]['val/miou'])} after {spent / 60:.1f} min", flush=True)
-    return {"label": label, "sets": sets, "seconds": spent, "rows": rows}
+    return rows, spent
 
 
 def pct(x: str | float) -> str:
