@@ -14,6 +14,7 @@ supervised cross-entropy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -104,7 +105,8 @@ def write_pseudo_labels(
             png.save(tmp / f"{item['id']}.png", format="PNG")
         real = counts[:IGNORE_INDEX].sum()
         manifest = {
-            "checkpoint": str(Path(checkpoint).resolve()), "data_root": str(Path(root).resolve()), "split": split,
+            "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": file_sha256(Path(checkpoint)),
+            "data_root": str(Path(root).resolve()), "split": split,
             "images": n, "threshold": threshold, "crf": None if crf is None else vars(crf),
             "ignored_share": float(counts[IGNORE_INDEX] / max(counts.sum(), 1)),
             "foreground_share": float(counts[1:IGNORE_INDEX].sum() / max(real, 1)),
@@ -119,3 +121,45 @@ def write_pseudo_labels(
     print(f"pseudo labels of {n} {split} images written to {out} ({100 * manifest['ignored_share']:.1f}% ignored, "
           f"{100 * manifest['foreground_share']:.1f}% of the rest foreground)", file=sys.stdout)
     return manifest
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256: the manifest pins the checkpoint's content, not just its (overwritable) path."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensure_pseudo_labels(
+    checkpoint: Path,
+    out: Path,
+    *,
+    data_root: Path,
+    threshold: float,
+    crf: CRFParams | None,
+    replace: bool,
+    device: str = "auto",
+) -> dict:
+    """Pseudo labels of data_root's train split from `checkpoint` in `out`, written once and reused after.
+
+    Reused when out's manifest names the same checkpoint content, data, threshold and CRF. Otherwise they
+    are rewritten if `replace` (a search starting), else refused: a resumed search's trials must not find
+    other labels than those they started on.
+    """
+    want = {"checkpoint_sha256": file_sha256(checkpoint), "data_root": str(Path(data_root).resolve()),
+            "split": "train", "threshold": threshold, "crf": None if crf is None else json.loads(json.dumps(vars(crf)))}
+    manifest = Path(out) / MANIFEST
+    if manifest.is_file():
+        have = json.loads(manifest.read_text())
+        differs = [k for k, v in want.items() if have.get(k) != v]
+        if not differs:
+            print(f"pseudo labels: reusing {out} ({have.get('images')} images from {have.get('checkpoint')})",
+                  flush=True)
+            return have
+        if not replace:
+            raise UserError(f"pseudo labels in {out} were made with another {', '.join(differs)} than "
+                            f"settings.pseudo_labels asks for ({checkpoint}); --restart the search to remake them")
+    return write_pseudo_labels(checkpoint, out, data_root=data_root, split="train", threshold=threshold, crf=crf,
+                               device=device, force=True)

@@ -82,6 +82,10 @@ def plan(space: SearchSpace) -> str:
     if space.fixed:
         lines.append("  fixed:")
         lines += [f"    {k} = {v.value!r}" for k, v in space.fixed.items()]
+    if s.pseudo_labels is not None:
+        pl = s.pseudo_labels
+        lines.append(f"  second stage  trials train on pseudo labels from {pl.checkpoint} (threshold {pl.threshold:g}, "
+                     f"{'CRF' if pl.crf else 'no CRF'}), written first to {space.pseudo_root}")
     if space.export:
         lines.append(f"  then export the best model on split {space.export.split!r} for the VOC server")
     return "\n".join(lines)
@@ -288,6 +292,13 @@ def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check:
         check_resources(s.resources.cpu, s.resources.gpu)
     if cfg.data.dataset == "synthetic":
         build.ensure_synthetic(cfg.data)  # once here rather than racing in the first trials
+    if s.pseudo_labels is not None:  # the second stage's labels, before anything reads the training set
+        from weakseg.crf import CRFParams
+        from weakseg.pseudo import ensure_pseudo_labels
+
+        ensure_pseudo_labels(Path(s.pseudo_labels.checkpoint), space.pseudo_root,
+                             data_root=build.ensure_synthetic(cfg.data), threshold=s.pseudo_labels.threshold,
+                             crf=CRFParams() if s.pseudo_labels.crf else None, replace=not resume)
 
     search_key = exp_path
     with quiet_mlflow():
@@ -488,6 +499,8 @@ def _sampler(space: SearchSpace):
 def _settings_params(space: SearchSpace) -> dict[str, Any]:
     out = {}
     for k, v in dataclasses.asdict(space.settings).items():
+        if k == "pseudo_labels" and v is None:
+            continue  # unset: recorded as before it existed, so older searches resume unchanged
         if isinstance(v, dict):
             out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
         else:

@@ -25,6 +25,10 @@
       results_dir: ../results       # summary tables and plots go to results_dir/<name>/
       mlflow: {tracking_uri: null, experiment: null, register_as: null}   # default: sqlite in results_dir,
                                     # experiment = name; the selected model is registered as register_as (default: name)
+      pseudo_labels: {checkpoint: ../runs/weak/checkpoints/best.pt, threshold: 0.8, crf: true}   # optional: a
+                                    # second stage; the labels are written once, before the trials, into
+                                    # results_dir/<name>/pseudo_labels, and every trial trains on them
+                                    # (supervision: pseudo, data.pseudo_root set for it)
     export: {split: test}           # optional: export the best model for the VOC server at the end
 
 Everything is checked before Ray starts: unknown keys, parameter names that are
@@ -63,8 +67,9 @@ KINDS = ("uniform", "loguniform", "int", "choice")
 TOP_KEYS = ("name", "base", "fixed", "params", "settings", "export")
 SETTINGS_KEYS = (
     "sampler", "samples", "metric", "mode", "scheduler", "max_concurrent", "resources", "max_failures", "seed",
-    "storage_path", "results_dir", "mlflow",
+    "storage_path", "results_dir", "mlflow", "pseudo_labels",
 )
+PSEUDO_DIR = "pseudo_labels"  # under results_dir/<name>/: the second stage's labels
 METRICS = ("val/miou", "val/boundary_iou", "val/pixel_acc", "val/object_iou", "val/image_auc", "val/image_map")
 MAX_CHOICES = 1000  # values of one `choice` list: a search samples tens of trials, not millions
 
@@ -112,6 +117,15 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class PseudoLabels:
+    """A second stage: the trials train on label maps made from a weak model's checkpoint (weakseg.pseudo)."""
+
+    checkpoint: str  # absolute path of the weak model's .pt
+    threshold: float = 0.8  # pixels whose refined winning probability is below it are ignored
+    crf: bool = True  # refine with the dense CRF (its default parameters)
+
+
+@dataclass(frozen=True)
 class Settings:
     sampler: Literal["tpe", "grid"] = "tpe"  # grid: every combination of the `choice` parameters, once
     samples: int = 8
@@ -127,6 +141,7 @@ class Settings:
     tracking_uri: str | None = None
     experiment: str | None = None
     register_as: str | None = None
+    pseudo_labels: PseudoLabels | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +164,11 @@ class SearchSpace:
     @property
     def results_dir(self) -> Path:
         return Path(self.settings.results_dir) / self.name
+
+    @property
+    def pseudo_root(self) -> Path | None:
+        """Where settings.pseudo_labels writes the labels every trial trains on (None: no second stage)."""
+        return self.results_dir / PSEUDO_DIR if self.settings.pseudo_labels is not None else None
 
     @property
     def tracking_uri(self) -> str:
@@ -292,6 +312,9 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
 
     settings = _parse_settings(data.get("settings") or {}, loc, path)
     export = _parse_export(data.get("export"), loc)
+    if settings.pseudo_labels is not None:
+        results_dir = (overrides or {}).get("results_dir", settings.results_dir)  # --results-dir moves them too
+        fixed.update(_pseudo_fixed(Path(results_dir) / name / PSEUDO_DIR, fixed, params, loc))
 
     if settings.sampler == "grid":
         for p in params:
@@ -303,6 +326,9 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         settings = dataclasses.replace(settings, samples=combos)
     space = SearchSpace(path, name, base, fixed, tuple(params), settings, export)
     base_cfg = _check_configs(space, loc)
+    if settings.pseudo_labels is not None and base_cfg.data.dataset == "imagenet":
+        raise loc.error("settings.pseudo_labels", "labels the VOC-layout training images: the trials' "
+                        "data.dataset must be voc or synthetic, not imagenet")
     sched = settings.scheduler
     if sched.type == "asha":
         iters = base_cfg.optim.iterations
@@ -316,6 +342,18 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     if overrides:
         space = dataclasses.replace(space, settings=dataclasses.replace(space.settings, **overrides))
     return space
+
+
+def _pseudo_fixed(root: Path, fixed: Mapping[str, Setting], params: list[Param], loc: _Loc) -> dict[str, Setting]:
+    """The overrides settings.pseudo_labels adds to every trial; refused where the file sets them itself."""
+    why = "is set by settings.pseudo_labels (every trial trains on its labels): drop it"
+    for key in ("supervision", "data.pseudo_root"):
+        if key in fixed:
+            raise loc.error(f"fixed.{key}", why)
+        if any(p.key == key for p in params):
+            raise loc.error(f"params.{key}", why)
+    origin = f"{loc.at('settings.pseudo_labels')} (settings.pseudo_labels)"
+    return {"supervision": Setting("pseudo", origin, None), "data.pseudo_root": Setting(str(root), origin, None)}
 
 
 def _hint(key: str, options) -> str:
@@ -515,11 +553,38 @@ def _parse_settings(raw: Any, loc: _Loc, path: Path) -> Settings:
     if register_as is not None and not (isinstance(register_as, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", register_as)):
         raise loc.error("settings.mlflow.register_as", "must be a model name of letters, digits, '.', '-' or '_'")
     return Settings(
+        pseudo_labels=_parse_pseudo_labels(raw.get("pseudo_labels"), loc, path),
         sampler=sampler, samples=samples, metric=metric, mode=mode, scheduler=scheduler, max_concurrent=max_concurrent,
         resources=Resources(float(cpu), float(gpu)), max_failures=max_failures, seed=seed,
         storage_path=storage_path, results_dir=results_dir, tracking_uri=uri, experiment=exp,
         register_as=register_as,
     )
+
+
+def _parse_pseudo_labels(raw: Any, loc: _Loc, path: Path) -> PseudoLabels | None:
+    where = "settings.pseudo_labels"
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise loc.error(where, "must be a mapping like {checkpoint: PATH, threshold: 0.8, crf: true}")
+    for k in raw:
+        if k not in ("checkpoint", "threshold", "crf"):
+            raise loc.error(f"{where}.{k}", f"unknown option{_hint(str(k), ('checkpoint', 'threshold', 'crf'))} "
+                                            "(checkpoint, threshold, crf)")
+    ck = raw.get("checkpoint")
+    if not isinstance(ck, str) or not ck:
+        raise loc.error(f"{where}.checkpoint", "required: the weak model's checkpoint file (.pt)")
+    ck_path = Path(ck).expanduser()
+    ck_path = (path.parent / ck_path).resolve() if not ck_path.is_absolute() else ck_path
+    if not ck_path.is_file():
+        raise loc.error(f"{where}.checkpoint", f"no such file: {ck_path}")
+    threshold = raw.get("threshold", 0.8)
+    if not _number(threshold) or not 0 <= threshold < 1:
+        raise loc.error(f"{where}.threshold", f"must be a number in [0, 1) (got {threshold!r})")
+    crf = raw.get("crf", True)
+    if not isinstance(crf, bool):
+        raise loc.error(f"{where}.crf", f"must be true or false (got {crf!r})")
+    return PseudoLabels(str(ck_path), float(threshold), crf)
 
 
 def _parse_export(raw: Any, loc: _Loc) -> Export | None:
