@@ -13,6 +13,7 @@ from PIL import Image
 from weakseg.cli import main
 from weakseg.config import load_config
 from weakseg.data.voc import VOCSegmentation, read_annotation_labels
+from test_space import write  # a space file at tmp_path/spaces/space.yaml
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +97,10 @@ settings:
 """
 
 
-def write_space(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "spaces" / "space.yaml"
-    p.parent.mkdir(exist_ok=True)
-    p.write_text(text)
-    return p
-
-
 def test_search_space_with_pseudo_labels_trains_every_trial_on_them(weak_ckpt, synth_root, tmp_path):
     from weakseg.search.space import load_space
 
-    space = load_space(write_space(tmp_path, SPACE.format(root=synth_root, ckpt=weak_ckpt)))
+    space = load_space(write(tmp_path, SPACE.format(root=synth_root, ckpt=weak_ckpt)))
     root = tmp_path / "results" / "stage2" / "pseudo_labels"  # results_dir defaults to ../results
     assert space.pseudo_root == root
     assert space.settings.pseudo_labels.checkpoint == str(weak_ckpt) and space.settings.pseudo_labels.crf is False
@@ -115,7 +109,7 @@ def test_search_space_with_pseudo_labels_trains_every_trial_on_them(weak_ckpt, s
     # a relative checkpoint is read from the space file's folder; --results-dir moves the labels with it
     (tmp_path / "ckpts").mkdir()
     shutil.copy(weak_ckpt, tmp_path / "ckpts" / "w.pt")
-    moved = load_space(write_space(tmp_path, SPACE.format(root=synth_root, ckpt="../ckpts/w.pt")),
+    moved = load_space(write(tmp_path, SPACE.format(root=synth_root, ckpt="../ckpts/w.pt")),
                        {"results_dir": str(tmp_path / "elsewhere")})
     assert moved.settings.pseudo_labels.checkpoint == str(tmp_path / "ckpts" / "w.pt")
     assert moved.base_config.data.pseudo_root == str(tmp_path / "elsewhere" / "stage2" / "pseudo_labels")
@@ -140,7 +134,7 @@ def test_bad_pseudo_label_settings_name_line_and_key(weak_ckpt, synth_root, tmp_
     text = SPACE.format(root=synth_root, ckpt="CKPT")
     assert old in text
     with pytest.raises(UserError, match=pattern):
-        load_space(write_space(tmp_path, text.replace(old, new, 1).replace("CKPT", str(weak_ckpt))))
+        load_space(write(tmp_path, text.replace(old, new, 1).replace("CKPT", str(weak_ckpt))))
 
 
 def test_ensure_pseudo_labels_reuses_matching_labels_and_refuses_others_on_resume(weak_ckpt, synth_root, tmp_path):
