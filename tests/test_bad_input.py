@@ -169,7 +169,7 @@ def missing_config_file(c: Ctx):
 
 def base_that_does_not_exist(c: Ctx):
     f = c.file("bad.yaml", "base: paperr\n")
-    return ["train", str(f), "--out", str(c.tmp / "run")], ["'paperr'", "shipped: demo, paper"]
+    return ["train", str(f), "--out", str(c.tmp / "run")], ["'paperr'", "shipped: demo, demo_weak, paper"]
 
 
 def set_unknown_key(c: Ctx):

@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     t = sub.add_parser("train", help="train one model from a config (name or YAML path)")
-    t.add_argument("config", help="shipped config name (paper, demo) or a YAML file")
+    t.add_argument("config", help="shipped config name (paper, demo, demo_weak) or a YAML file")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--out", help="run folder (default: runs/<name>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
