@@ -178,7 +178,8 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "runs" / "difficulty"))
     p.add_argument("--md", default=str(REPO / "results" / "difficulty.md"))
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                   help="an override for the data generation and every run (e.g. data.synthetic_train=40)")
+                   help="an override for the data generation and every run (e.g. data.synthetic_train=40); "
+                        "not part of the run folders' names: change --out and --data with it")
     args = p.parse_args()
     presets, rows = args.presets.split(","), args.rows.split(",")
     for name, given, allowed in (("--presets", presets, PRESETS), ("--rows", rows, tuple(ROWS))):
