@@ -126,7 +126,8 @@ def report(results: dict, presets: list[str], rows: list[str], seeds: int) -> li
         full = {s: last(results[(preset, "full", s)], "val/miou") for s in range(seeds)
                 if (preset, "full", s) in results}
         lines += [f"## Preset `{preset}`", "",
-                  "| run | seeds | val mIoU | object IoU | image AUC | × full supervision | collapsed seeds | wall time (min) |",
+                  "| run | seeds | val mIoU | object IoU | image AUC | × full supervision | collapsed seeds "
+                  "| wall time (min) |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row in rows:
             runs = have[row]
@@ -139,7 +140,9 @@ def report(results: dict, presets: list[str], rows: list[str], seeds: int) -> li
                 paired = [weak[s] / full[s] for s in weak if s in full and full[s] > 0]
                 if paired and full:
                     mean_ratio = statistics.fmean(weak.values()) / statistics.fmean(full.values())
-                    ratio = f"{mean_ratio:.2f}" + (f" ({min(paired):.2f}–{max(paired):.2f})" if len(paired) > 1 else "")
+                    ratio = f"{mean_ratio:.2f}"
+                    if len(paired) > 1:
+                        ratio += f" ({min(paired):.2f}–{max(paired):.2f})"
             lines.append(
                 f"| {ROWS[row][0]} | {len(runs)} | {spread([last(r, 'val/miou') for r in runs])} | "
                 f"{spread([last(r, 'val/object_iou') for r in runs])} | "
