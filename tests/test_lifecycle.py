@@ -169,11 +169,12 @@ def test_signals_edits_concurrency_and_damaged_state(tmp_path: Path, synth_root:
 def test_a_search_in_which_every_trial_fails_exits_non_zero(tmp_path: Path, synth_root: Path):
     space = make_space(tmp_path, synth_root, "allfail", samples=1, iterations=2, eval_every=2, concurrent=1)
     data = yaml.safe_load(space.read_text())
-    data["fixed"].update({"data.dataset": "voc", "data.root": str(tmp_path / "no-such-data")})
     data["settings"]["max_failures"] = 0
     space.write_text(yaml.safe_dump(data, sort_keys=False))
+    # every training step raises (a bad data root would be refused before the search starts)
+    env = {**search_env(tmp_path), **fault_env(tmp_path, [{"id": "crash", "match": {}, "at": "any", "action": "raise"}])}
     r = subprocess.run([sys.executable, "-m", "weakseg", "search", str(space)], capture_output=True, text=True,
-                       timeout=300, env=search_env(tmp_path))
+                       timeout=300, env=env)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     assert "no trial succeeded" in r.stderr
     assert json.loads((tmp_path / "results" / "allfail" / "search.json").read_text())["status"] == "failed"
