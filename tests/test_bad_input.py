@@ -849,3 +849,14 @@ def test_local_ray_binds_the_dashboard_to_loopback_with_token_auth(tmp_path: Pat
     assert "address" not in seen  # a local Ray, started here
     assert seen.get("dashboard_host") == "127.0.0.1"
     assert seen.get("include_dashboard") in (False, None)
+
+
+def test_the_printed_mlflow_ui_command_survives_a_store_path_with_spaces_and_quotes():
+    import shlex
+
+    from weakseg.cli import ui_command
+
+    uri = "sqlite:////tmp/my results/it's here/mlflow.db"
+    argv = shlex.split(ui_command(uri))  # what a shell would pass to mlflow
+    assert argv == ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", "5000"]
+    assert ui_command("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

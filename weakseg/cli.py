@@ -248,8 +248,7 @@ def cmd_search(args: argparse.Namespace) -> int:
           "(its last evaluation; trials ranked by their last evaluation)")
     print(f"results:    {out.results_dir}  (trials.md, best_config.yaml, plots)")
     print(f"MLflow:     experiment {out.experiment!r}, parent run {out.parent_run_id}")
-    print(f"MLflow UI:  {shlex.join(['mlflow', 'ui', '--backend-store-uri', out.tracking_uri])} "
-          "--host 127.0.0.1 --port 5000" if out.tracking_uri.startswith("sqlite") else f"MLflow UI:  {out.tracking_uri}")
+    print(f"MLflow UI:  {ui_command(out.tracking_uri)}")
     if out.export_path is not None:
         print(f"VOC submission: {out.export_path}")
     if out.interrupted:
@@ -384,6 +383,14 @@ def user_message(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- parser
+
+
+def ui_command(tracking_uri: str) -> str:
+    """How to look at a search's runs: a shell-quoted `mlflow ui` for a local store (its path may hold
+    spaces or quotes), else the server's address."""
+    if not tracking_uri.startswith("sqlite"):
+        return tracking_uri
+    return shlex.join(["mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1", "--port", "5000"])
 
 
 def build_parser() -> argparse.ArgumentParser:
