@@ -28,28 +28,11 @@ import yaml
 from mlflow import MlflowClient
 
 from weakseg.cluster.local import LocalCluster
+from conftest import tiny_fixed
 
 pytestmark = pytest.mark.slow
 
 FAULTS_DIR = Path(__file__).resolve().parent / "faults"
-
-TRIAL = {
-    "model.backbone": "tiny",
-    "model.pretrained": "none",
-    "model.decoder_channels": 16,
-    "model.skip_channels": 4,
-    "data.dataset": "synthetic",
-    "data.workers": 0,
-    "data.crop_size": 64,
-    "data.val_limit": 3,
-    "optim.batch_size": 4,
-    "train.eval_every": 2,
-    "train.log_every": 1,
-    "train.device": "cpu",
-    "train.overlays": 1,
-    "train.progress": "off",
-}
-
 
 def write_space(folder: Path, synth_root: Path, name: str, lams: list[float], iterations: int,
                 concurrent: int = 2) -> Path:
@@ -57,7 +40,8 @@ def write_space(folder: Path, synth_root: Path, name: str, lams: list[float], it
     space = {
         "name": name,
         "base": "demo",
-        "fixed": {**TRIAL, "data.root": str(synth_root), "optim.iterations": iterations},
+        "fixed": tiny_fixed(synth_root, {"train.eval_every": 2, "train.log_every": 1, "train.overlays": 1,
+                                         "optim.iterations": iterations}),
         "params": {"loss.lam": {"choice": lams}},
         "settings": {
             "sampler": "grid",

@@ -15,32 +15,17 @@ import yaml
 from mlflow import MlflowClient
 
 from weakseg.data.classes import VOC_CLASSES
+from conftest import tiny_fixed
 
 pytestmark = pytest.mark.slow
-
-TRIAL = {
-    "model.backbone": "tiny",
-    "model.pretrained": "none",
-    "model.decoder_channels": 16,
-    "model.skip_channels": 4,
-    "data.dataset": "synthetic",
-    "data.workers": 0,
-    "data.crop_size": 64,
-    "data.val_limit": 3,
-    "optim.batch_size": 4,
-    "train.device": "cpu",
-    "train.overlays": 1,
-    "train.progress": "off",
-}
-
 
 def make_space(tmp_path: Path, synth_root: Path, name: str, *, samples: int, iterations: int, eval_every: int,
                scheduler=None, resources=None, concurrent: int = 2, export=None) -> Path:
     space = {
         "name": name,
         "base": "demo",
-        "fixed": {**TRIAL, "data.root": str(synth_root), "optim.iterations": iterations,
-                  "train.eval_every": eval_every, "train.log_every": 1},
+        "fixed": tiny_fixed(synth_root, {"train.overlays": 1, "optim.iterations": iterations,
+                                         "train.eval_every": eval_every, "train.log_every": 1}),
         "params": {"loss.variant": {"choice": ["exp", "mean"]}, "loss.lam": {"uniform": [0.0, 1.0]}},
         "settings": {
             "samples": samples,

@@ -8,7 +8,6 @@ status 2; nothing here shells out.
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import signal
 import sys
@@ -115,7 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from weakseg.data import build
     from weakseg.data.classes import VOC_CLASSES
     from weakseg.engine import amp_dtype, evaluate, resolve_device
-    from weakseg.report import class_table, plot_confusion, plot_iou_bars, save_overlays, write_class_table
+    from weakseg.report import CLASSES_MD, write_eval_artifacts
 
     crf = _crf_params(args) if args.crf else None  # first: a missing extra fails before anything is loaded
     device = resolve_device(args.device)
@@ -150,20 +149,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from weakseg.report import PAPER_TABLE1_OURS
 
         reference = PAPER_TABLE1_OURS
-    rows = class_table(result.metrics, result.boundary, reference=reference)
-    write_class_table(rows, out / "classes.csv", out / "classes.md")
-    plot_confusion(result.metrics.matrix, names, out / "confusion.png")
-    plot_iou_bars(result.metrics.iou, names, out / "iou.png", reference=reference)
-    if result.overlays:
-        save_overlays(result.overlays, out / "overlays.png")
+    files = write_eval_artifacts(result, names, out, reference=reference, iou_bars=True)
     scalars = result.scalars(args.split)
     _write_json(out / "metrics.json", scalars)
-    print((out / "classes.md").read_text(), end="")
+    print(files[CLASSES_MD].read_text(), end="")
     uri = args.tracking_uri or cfg.tracking.uri
     if uri:
         from weakseg.search.tracking import log_evaluation, quiet_mlflow
 
-        files = {n: out / n for n in ("classes.md", "classes.csv", "confusion.png", "iou.png", "overlays.png")}
         params = {**cfg.flat(), "checkpoint": args.checkpoint if args.checkpoint.startswith(MODELS)
                   else str(ckpt.resolve()), "split": args.split, "crf": bool(crf)}
         with quiet_mlflow():
@@ -307,11 +300,7 @@ def cmd_export_voc(args: argparse.Namespace) -> int:
         ckpt, out.resolve(), data_root=Path(args.data).resolve() if args.data else None, split=args.split, crf=crf,
         crf_workers=args.crf_workers, device=args.device, force=args.force, workers=args.workers,
     )
-    import tarfile
-
-    with tarfile.open(path, "r:gz") as tar:
-        n = sum(1 for m in tar.getmembers() if m.name.endswith(".png"))
-    print(upload_instructions(path, n, args.split))
+    print(upload_instructions(path, args.split))
     return 0
 
 
@@ -362,8 +351,10 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _pct(x: float) -> str:
-    return "   –  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}%"
+def _pct(x: float | None) -> str:
+    from weakseg.report import format_percent
+
+    return format_percent(x, width=5)
 
 
 def _write_json(path: Path, data: dict) -> None:

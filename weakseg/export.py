@@ -147,7 +147,10 @@ def read_archive(path: Path, into: Path) -> Path:
     return into / RESULTS_SUBDIR
 
 
-def upload_instructions(path: Path, n: int, split: str) -> str:
+def upload_instructions(path: Path, split: str) -> str:
+    """What was written (its predictions counted in the archive) and where to submit it."""
+    with tarfile.open(path, "r:gz") as tar:
+        n = sum(1 for m in tar.getmembers() if m.name.endswith(".png"))
     return (
         f"wrote {path} ({n} predictions of VOC 2012 {split}, {COMPETITION}: trained on data beyond VOC)\n"
         f"submit it at {SERVER} (log in, 'Submit results', challenge VOC2012, Segmentation, {COMPETITION})"

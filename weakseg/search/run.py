@@ -558,7 +558,7 @@ def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float, interrup
         split = space.export.split
         export_path = export_voc(resolve_checkpoint(best.checkpoint), space.results_dir / f"voc_{split}_submission.tar.gz",
                                  split=split, crf=crf, force=True)
-        print(upload_instructions(export_path, _count_ids(export_path), split))
+        print(upload_instructions(export_path, split))
     return SearchOutcome(space.results_dir, space.tracking_uri, space.experiment, parent.run_id,
                          best.trial_id if best else None, best.final if best else math.nan, export_path, model_uri,
                          interrupted, ok)
@@ -573,13 +573,6 @@ def _log_model(space: SearchSpace, parent: Any, best: Any) -> str | None:
     uri = parent.log_model(best.trial_id, resolve_checkpoint(best.checkpoint), best.checkpoint, space.register_as)
     print(f"MLflow model: {uri} (trial {best.trial_id})", flush=True)
     return uri
-
-
-def _count_ids(archive: Path) -> int:
-    import tarfile
-
-    with tarfile.open(archive, "r:gz") as tar:
-        return sum(1 for m in tar.getmembers() if m.name.endswith(".png"))
 
 
 def _reconcile_children(parent: Any, rows: list, interrupted: str | None = None) -> None:

@@ -549,13 +549,9 @@ def log_evaluation(uri: str, experiment: str, run_name: str, params: Mapping[str
 
 def eval_artifacts(run_dir: Path) -> dict[str, Path]:
     """The files `engine.fit` writes at each evaluation, worth attaching to a run."""
-    return {
-        "config": run_dir / "config.yaml",
-        "classes.md": run_dir / "eval" / "classes.md",
-        "classes.csv": run_dir / "eval" / "classes.csv",
-        "confusion": run_dir / "eval" / "confusion.png",
-        "overlays": run_dir / "eval" / "overlays.png",
-    }
+    from weakseg.report import eval_files
+
+    return {"config": run_dir / "config.yaml", **eval_files(run_dir / "eval")}
 
 
 @contextlib.contextmanager
