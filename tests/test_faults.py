@@ -28,6 +28,7 @@ import yaml
 from mlflow import MlflowClient
 
 from weakseg.cluster.local import LocalCluster
+from weakseg.compat import optuna_study
 from conftest import tiny_fixed
 
 pytestmark = pytest.mark.slow
@@ -101,7 +102,7 @@ def optuna_states(exp_dir: Path) -> dict[float, str]:
     """λ -> the state Optuna recorded, from the searcher state Ray pickles (Ray's file, read by the test)."""
     state = sorted(exp_dir.glob("searcher-state-*.pkl"))[-1]
     searcher = pickle.loads(state.read_bytes())
-    study = searcher["_ot_study"] if isinstance(searcher, dict) else searcher._ot_study
+    study = optuna_study(searcher)
     return {t.params["loss.lam"]: t.state.name for t in study.trials}
 
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from weakseg.compat import optuna_study
 from weakseg.data.classes import VOC_CLASSES
 from conftest import tiny_fixed
 
@@ -58,7 +59,7 @@ def optuna_trial_states(exp_dir: Path) -> list[str]:
     """The state Optuna recorded for each trial, from the searcher state Ray pickles with the experiment."""
     state = sorted(exp_dir.glob("searcher-state-*.pkl"))[-1]
     searcher = pickle.loads(state.read_bytes())
-    study = searcher["_ot_study"] if isinstance(searcher, dict) else searcher._ot_study
+    study = optuna_study(searcher)
     return [t.state.name for t in study.trials]
 
 

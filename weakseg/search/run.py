@@ -137,9 +137,9 @@ def prepare_local_auth(address: str | None) -> None:
     if os.environ["RAY_AUTH_MODE"].lower() == "token":
         ensure_auth_token()
     if "ray" in sys.modules:  # ray caches its config at import: refresh it
-        from ray._raylet import Config
+        from weakseg.compat import refresh_ray_config
 
-        Config.initialize("")
+        refresh_ray_config()
 
 
 def ensure_auth_token() -> None:
@@ -164,14 +164,14 @@ def autoscaler_node_types() -> list[dict[str, float]]:
     publishes its node groups), else from `ray up`'s bootstrap config on the head node.
     """
     out: list[dict[str, float]] = []
-    try:  # a private Ray API: tolerate its absence or churn
-        import ray._private.state
+    try:
+        from weakseg.compat import autoscaler_cluster_config
 
-        config = ray._private.state.state.get_cluster_config()
+        config = autoscaler_cluster_config()
         for group in (config.node_group_configs if config is not None else []):
             if group.max_count != 0:
                 out.append({k: float(v) for k, v in group.resources.items()})
-    except Exception:
+    except Exception:  # a private Ray API (no GCS to ask, or moved): the bootstrap config below may still say
         pass
     path = Path("~/ray_bootstrap_config.yaml").expanduser()
     if path.is_file():
@@ -430,7 +430,9 @@ def _mlflow_callback_of(tuner: Any) -> Any:
     """The MlflowCallback restored with the Tuner (Ray pickles the run config, callbacks included)."""
     from weakseg.search.callbacks import MlflowCallback
 
-    callbacks = tuner._local_tuner._run_config.callbacks or []  # private, as Tuner.restore has no setter
+    from weakseg.compat import restored_run_config
+
+    callbacks = restored_run_config(tuner).callbacks or []
     found = [c for c in callbacks if isinstance(c, MlflowCallback)]
     if not found:
         raise UserError("--resume: the restored search has no weakseg MLflow callback (not a weakseg search?)")
@@ -453,9 +455,9 @@ def _write_search_json(space: SearchSpace, parent: Any, status: str, **fields: A
 def _experiment_fs(exp_path: str):
     """(filesystem, path) of a Ray experiment folder, resolved as Ray Tune resolves storage paths
     (pyarrow, with fsspec for schemes pyarrow lacks), so weakseg and Tune agree on what is there."""
-    from ray.train._internal.storage import get_fs_and_path
+    from weakseg.compat import storage_fs_and_path
 
-    return get_fs_and_path(exp_path if "://" in exp_path else str(Path(exp_path).resolve()))
+    return storage_fs_and_path(exp_path if "://" in exp_path else str(Path(exp_path).resolve()))
 
 
 def _experiment_exists(exp_path: str) -> bool:
