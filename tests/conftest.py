@@ -32,6 +32,12 @@ def tiny_fixed(synth_root: Path, changes: dict[str, object] | None = None) -> di
             **(changes or {})}
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked `gpu` skip, saying why, where there is no CUDA device."""
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (marker gpu)")
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """A 16/6/6-image synthetic data set at 64 px (VOC layout, test masks included)."""

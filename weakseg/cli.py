@@ -13,9 +13,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from weakseg.errors import UserError
+
+if TYPE_CHECKING:  # the CLI imports its verbs' modules when they run
+    from weakseg.crf import CRFParams
 
 EXIT_USER_ERROR = 2
 VOC2012_VAL_IMAGES = 1449  # `evaluate` shows the paper's reference numbers on this set only
@@ -51,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         reporter = TrainRunReporter(cfg, run_dir, inner=reporter, resume=args.resume)
     print(f"weakseg train: {cfg.name} -> {run_dir}", flush=True)
-    with reporter_context(reporter):
+    with ClosingReporter(reporter):
         state = fit(cfg, run_dir, resume_from=resume_from, reporter=reporter)
     # The result is the last evaluation, of the model in last.pt; the peak is picked on the same
     # val images, so it is shown only as labelled information (docs/method.md, "Model selection").
@@ -94,7 +97,7 @@ class ConsoleReporter:
         )
 
 
-class reporter_context:
+class ClosingReporter:
     """Close a reporter (e.g. end its MLflow run with the right status) however training ends."""
 
     def __init__(self, reporter) -> None:
@@ -193,7 +196,7 @@ def _split_has_masks(cfg, split: str, root: Path | None) -> bool:
                for d in ("SegmentationClass", "SegmentationClassAug"))
 
 
-def _crf_params(args: argparse.Namespace):
+def _crf_params(args: argparse.Namespace) -> CRFParams:
     import dataclasses
 
     from weakseg.crf import CRFParams, _densecrf

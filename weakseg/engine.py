@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from weakseg.checkpoint import load_checkpoint, load_weights, model_from_config, save_checkpoint, unwrap
 from weakseg.config import Config, save_config
+from weakseg.crf import CRFParams
 from weakseg.data import build
 from weakseg.data.classes import IGNORE_INDEX, VOC_CLASSES
 from weakseg.diagnostics import ImageLevelMeter, object_iou
@@ -118,7 +119,7 @@ def evaluate(
     num_classes: int,
     *,
     amp: torch.dtype | None = None,
-    crf: Any = None,
+    crf: CRFParams | None = None,
     crf_workers: int = 0,
     boundary: bool = True,
     overlays: int = 0,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from weakseg.crf import CRFParams
 from weakseg.data.classes import NUM_CLASSES, voc_colormap, voc_palette
 from weakseg.errors import UserError
 from weakseg.io import atomic_path
@@ -89,7 +90,7 @@ def export_voc(
     *,
     data_root: Path | None = None,
     split: str = "test",
-    crf: object | None = None,
+    crf: CRFParams | None = None,
     crf_workers: int = 2,
     device: str = "auto",
     force: bool = False,

@@ -475,7 +475,7 @@ def _delete_experiment(exp_path: str) -> None:
     try:
         fs, path = _experiment_fs(exp_path)
         fs.delete_dir(path)
-    except Exception as e:
+    except Exception as e:  # pyarrow raises OSError or ArrowInvalid, fsspec its own: each is the user's to see
         raise UserError(f"--restart: could not remove the previous search at {exp_path} ({e})") from None
 
 

@@ -116,7 +116,7 @@ def ensure_experiment(uri: str, name: str) -> str:
             return exp.experiment_id
         try:
             return client.create_experiment(name, artifact_location=default_artifact_root(uri))
-        except Exception:
+        except Exception:  # MlflowException or the store's IntegrityError on a race; re-raised unless a race
             exp = client.get_experiment_by_name(name)  # created by someone else in between
             if exp is None:
                 raise
@@ -408,7 +408,7 @@ def checkpoint_of_run(uri: str, run_id: str) -> str:
     client = _client(uri)
     try:
         run = client.get_run(run_id)
-    except Exception as e:
+    except Exception as e:  # MlflowException (no such run) or the store's own error: one line for the user
         raise UserError(f"--mlflow-run {run_id}: no such run at {uri} ({str(e).splitlines()[0]})") from None
     location = run.data.tags.get(TAG_CHECKPOINT)
     if not location:

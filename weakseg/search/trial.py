@@ -5,7 +5,7 @@ folder — the training state (`checkpoint.pt`), the training log since the last
 evaluation, the resolved config and the evaluation's tables and plots — and
 hands it to `tune.report` together with the val metrics. Ray persists the
 folder to the search's storage path; the driver logs metrics and artifacts to
-MLflow from there (see `tracking.MlflowCallback`). So trials on worker nodes
+MLflow from there (see `callbacks.MlflowCallback`). So trials on worker nodes
 never need to reach the MLflow server, which can stay bound to localhost on
 the head node, and the SQLite store of a local search has a single writer.
 
