@@ -28,28 +28,12 @@ import yaml
 from mlflow import MlflowClient
 
 from weakseg.cluster.local import LocalCluster
+from weakseg.compat import optuna_study
+from conftest import tiny_fixed
 
 pytestmark = pytest.mark.slow
 
 FAULTS_DIR = Path(__file__).resolve().parent / "faults"
-
-TRIAL = {
-    "model.backbone": "tiny",
-    "model.pretrained": "none",
-    "model.decoder_channels": 16,
-    "model.skip_channels": 4,
-    "data.dataset": "synthetic",
-    "data.workers": 0,
-    "data.crop_size": 64,
-    "data.val_limit": 3,
-    "optim.batch_size": 4,
-    "train.eval_every": 2,
-    "train.log_every": 1,
-    "train.device": "cpu",
-    "train.overlays": 1,
-    "train.progress": "off",
-}
-
 
 def write_space(folder: Path, synth_root: Path, name: str, lams: list[float], iterations: int,
                 concurrent: int = 2) -> Path:
@@ -57,7 +41,8 @@ def write_space(folder: Path, synth_root: Path, name: str, lams: list[float], it
     space = {
         "name": name,
         "base": "demo",
-        "fixed": {**TRIAL, "data.root": str(synth_root), "optim.iterations": iterations},
+        "fixed": tiny_fixed(synth_root, {"train.eval_every": 2, "train.log_every": 1, "train.overlays": 1,
+                                         "optim.iterations": iterations}),
         "params": {"loss.lam": {"choice": lams}},
         "settings": {
             "sampler": "grid",
@@ -117,7 +102,7 @@ def optuna_states(exp_dir: Path) -> dict[float, str]:
     """λ -> the state Optuna recorded, from the searcher state Ray pickles (Ray's file, read by the test)."""
     state = sorted(exp_dir.glob("searcher-state-*.pkl"))[-1]
     searcher = pickle.loads(state.read_bytes())
-    study = searcher["_ot_study"] if isinstance(searcher, dict) else searcher._ot_study
+    study = optuna_study(searcher)
     return {t.params["loss.lam"]: t.state.name for t in study.trials}
 
 

@@ -36,6 +36,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from weakseg.data.classes import VOC_CLASSES
+from conftest import tiny_fixed
 from weakseg.cluster.local import free_port
 
 pytestmark = pytest.mark.slow
@@ -132,11 +133,8 @@ def search(server: Server, synth_root: Path):
     space.write_text(yaml.safe_dump({
         "name": "served",
         "base": "demo",
-        "fixed": {"model.backbone": "tiny", "model.pretrained": "none", "model.decoder_channels": 16,
-                  "model.skip_channels": 4, "data.dataset": "synthetic", "data.root": str(synth_root),
-                  "data.workers": 0, "data.crop_size": 64, "data.val_limit": 3, "optim.batch_size": 4,
-                  "optim.iterations": ITERATIONS, "train.eval_every": EVAL_EVERY, "train.log_every": 1,
-                  "train.device": "cpu", "train.overlays": 1, "train.progress": "off"},
+        "fixed": tiny_fixed(synth_root, {"optim.iterations": ITERATIONS, "train.eval_every": EVAL_EVERY,
+                                         "train.log_every": 1, "train.overlays": 1}),
         "params": {"loss.lam": {"choice": LAMS}},
         "settings": {"sampler": "grid", "max_concurrent": 2, "resources": {"cpu": 1, "gpu": 0},
                      "storage_path": str(folder / "results" / "ray"), "results_dir": str(folder / "results"),

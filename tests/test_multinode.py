@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from weakseg.cluster.local import LocalCluster
+from conftest import tiny_fixed
 
 pytestmark = pytest.mark.slow
 
@@ -62,10 +63,8 @@ def test_search_spreads_gpu_trials_over_two_worker_nodes(tmp_path: Path, synth_r
     space.write_text(yaml.safe_dump({
         "name": "multinode",
         "base": "demo",
-        "fixed": {"model.decoder_channels": 16, "model.skip_channels": 4, "data.dataset": "synthetic",
-                  "data.root": str(synth_root), "data.workers": 0, "data.crop_size": 64, "data.val_limit": 3,
-                  "optim.batch_size": 4, "optim.iterations": ITERATIONS, "train.eval_every": 2,
-                  "train.log_every": 1, "train.device": "cpu", "train.overlays": 0, "train.progress": "off"},
+        "fixed": tiny_fixed(synth_root, {"optim.iterations": ITERATIONS, "train.eval_every": 2,
+                                         "train.log_every": 1, "train.overlays": 0}),
         "params": {"loss.lam": {"uniform": [0.0, 1.0]}},
         "settings": {"samples": SAMPLES, "scheduler": "none", "max_concurrent": 2,
                      "resources": {"cpu": 1, "gpu": 1}, "max_failures": 0,

@@ -21,7 +21,7 @@ from weakseg.losses import filtering
 from weakseg.losses.filtering import gaussian_filter, grid_positions, spatial_filter
 from weakseg.losses.neighborhood import neighborhood_distribution, neighborhood_loss
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 # ---------------------------------------------------------------- oracles

@@ -392,7 +392,7 @@ def test_bad_inputs() -> None:
         PermutohedralLattice(torch.zeros(1, 4, 2)).filter(torch.zeros(2, 4, 1))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_matches_cpu() -> None:
     f = image_features(30, 40, 13.0, 10.0, 8.0, seed=15)
     v = smooth_probabilities(f, 5, seed=16).requires_grad_()

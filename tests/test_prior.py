@@ -21,7 +21,7 @@ from scipy.special import entr, expit, softmax
 from weakseg.errors import UserError
 from weakseg.losses.prior import adaptive_prior, pixel_label_targets
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 FLOOR = 1e-30  # the module's probability floor; the oracles apply the same restriction to y
 
 
@@ -536,7 +536,7 @@ def test_non_finite_image_gives_nan_and_leaves_others_alone():
     torch.testing.assert_close(q[1:], ref)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_matches_cpu():
     g = torch.Generator().manual_seed(5)
     probs = (torch.randn(5, 21, 12, 12, generator=g) * 4).softmax(1)

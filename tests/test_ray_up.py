@@ -43,7 +43,7 @@ import yaml
 
 from weakseg.data.synthetic import make_synthetic
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # apt-get (up to 15 min) before ~4 min of test
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD, WORKERS = "127.0.0.1", ("127.0.0.2", "127.0.0.3")

@@ -1,4 +1,4 @@
-"""Per-class tables (parsed back) and figures (opened with PIL); atomic writes."""
+"""Per-class tables (parsed back) and figures (opened with PIL); an evaluation's folder; atomic writes."""
 
 from __future__ import annotations
 
@@ -13,18 +13,20 @@ from PIL import Image
 
 from weakseg.data.classes import VOC_CLASSES
 from weakseg.errors import UserError
+from weakseg.io import atomic_write_with as atomic_write
 from weakseg.metrics import BoundaryMetrics, SegMetrics
 from weakseg.report import (
     OVERLAY_GAP,
     OVERLAY_HEADER,
     PAPER_TABLE1_OURS,
-    atomic_write,
     class_table,
+    format_percent,
     format_class_table,
     plot_confusion,
     plot_iou_bars,
     save_overlays,
     write_class_table,
+    write_eval_artifacts,
 )
 
 C = len(VOC_CLASSES)
@@ -189,3 +191,26 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
     atomic_write(target, lambda tmp: tmp.write_text("new"))
     assert target.read_text() == "new"
     assert os.listdir(tmp_path) == ["keep.txt"]
+
+
+def test_eval_folder_holds_exactly_the_files_returned(tmp_path):
+    from types import SimpleNamespace
+
+    metrics = SegMetrics.from_matrix(_hand_matrix(), VOC_CLASSES)
+    img = np.zeros((4, 5, 3), np.uint8)
+    plain = SimpleNamespace(metrics=metrics, boundary=None, overlays=[])
+    files = write_eval_artifacts(plain, VOC_CLASSES, tmp_path / "a")
+    assert sorted(os.listdir(tmp_path / "a")) == ["classes.csv", "classes.md", "confusion.png"]
+    assert {n: p.name for n, p in files.items()} == {n: n for n in ("classes.md", "classes.csv", "confusion.png")}
+    full = SimpleNamespace(metrics=metrics, boundary=None, overlays=[(img, np.zeros((4, 5), np.int64), None)])
+    files = write_eval_artifacts(full, VOC_CLASSES, tmp_path / "b", reference=PAPER_TABLE1_OURS, iou_bars=True)
+    names = ["classes.csv", "classes.md", "confusion.png", "iou.png", "overlays.png"]
+    assert sorted(os.listdir(tmp_path / "b")) == names and sorted(files) == names
+    with open(files["classes.csv"], newline="") as f:
+        assert next(csv.reader(f)) == ["class", "iou", "reference", "delta"]
+
+
+def test_format_percent_both_layouts():
+    assert format_percent(0.1234) == "12.3%" and format_percent(math.nan) == "\u2013"
+    assert format_percent(0.05, width=5) == "  5.0%" and format_percent(None, width=5) == "   \u2013  "
+    assert len(format_percent(None, width=5)) == len(format_percent(1.0, width=5)) == 6

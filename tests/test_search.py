@@ -14,33 +14,19 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from weakseg.compat import optuna_study
 from weakseg.data.classes import VOC_CLASSES
+from conftest import tiny_fixed
 
 pytestmark = pytest.mark.slow
-
-TRIAL = {
-    "model.backbone": "tiny",
-    "model.pretrained": "none",
-    "model.decoder_channels": 16,
-    "model.skip_channels": 4,
-    "data.dataset": "synthetic",
-    "data.workers": 0,
-    "data.crop_size": 64,
-    "data.val_limit": 3,
-    "optim.batch_size": 4,
-    "train.device": "cpu",
-    "train.overlays": 1,
-    "train.progress": "off",
-}
-
 
 def make_space(tmp_path: Path, synth_root: Path, name: str, *, samples: int, iterations: int, eval_every: int,
                scheduler=None, resources=None, concurrent: int = 2, export=None) -> Path:
     space = {
         "name": name,
         "base": "demo",
-        "fixed": {**TRIAL, "data.root": str(synth_root), "optim.iterations": iterations,
-                  "train.eval_every": eval_every, "train.log_every": 1},
+        "fixed": tiny_fixed(synth_root, {"train.overlays": 1, "optim.iterations": iterations,
+                                         "train.eval_every": eval_every, "train.log_every": 1}),
         "params": {"loss.variant": {"choice": ["exp", "mean"]}, "loss.lam": {"uniform": [0.0, 1.0]}},
         "settings": {
             "samples": samples,
@@ -73,7 +59,7 @@ def optuna_trial_states(exp_dir: Path) -> list[str]:
     """The state Optuna recorded for each trial, from the searcher state Ray pickles with the experiment."""
     state = sorted(exp_dir.glob("searcher-state-*.pkl"))[-1]
     searcher = pickle.loads(state.read_bytes())
-    study = searcher["_ot_study"] if isinstance(searcher, dict) else searcher._ot_study
+    study = optuna_study(searcher)
     return [t.state.name for t in study.trials]
 
 

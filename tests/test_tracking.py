@@ -4,6 +4,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from weakseg.compat import mlflow_tracking_uri
 from weakseg.search.tracking import SearchRun
 
 
@@ -79,7 +80,7 @@ def test_weakseg_train_logs_its_last_checkpoint_as_a_model_with_lineage(tmp_path
     (data,) = run.inputs.dataset_inputs
     assert data.dataset.name == "synthetic:train+val"
 
-    with mlflow.tracking._tracking_service.utils._use_tracking_uri(uri):
+    with mlflow_tracking_uri(uri):
         (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
         model = mlflow.pyfunc.load_model(logged.model_uri)
     assert logged.source_run_id == run.info.run_id

@@ -8,15 +8,17 @@ status 2; nothing here shells out.
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from weakseg.errors import UserError
+
+if TYPE_CHECKING:  # the CLI imports its verbs' modules when they run
+    from weakseg.crf import CRFParams
 
 EXIT_USER_ERROR = 2
 VOC2012_VAL_IMAGES = 1449  # `evaluate` shows the paper's reference numbers on this set only
@@ -52,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         reporter = TrainRunReporter(cfg, run_dir, inner=reporter, resume=args.resume)
     print(f"weakseg train: {cfg.name} -> {run_dir}", flush=True)
-    with reporter_context(reporter):
+    with ClosingReporter(reporter):
         state = fit(cfg, run_dir, resume_from=resume_from, reporter=reporter)
     # The result is the last evaluation, of the model in last.pt; the peak is picked on the same
     # val images, so it is shown only as labelled information (docs/method.md, "Model selection").
@@ -95,7 +97,7 @@ class ConsoleReporter:
         )
 
 
-class reporter_context:
+class ClosingReporter:
     """Close a reporter (e.g. end its MLflow run with the right status) however training ends."""
 
     def __init__(self, reporter) -> None:
@@ -115,7 +117,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from weakseg.data import build
     from weakseg.data.classes import VOC_CLASSES
     from weakseg.engine import amp_dtype, evaluate, resolve_device
-    from weakseg.report import class_table, plot_confusion, plot_iou_bars, save_overlays, write_class_table
+    from weakseg.report import CLASSES_MD, write_eval_artifacts
 
     crf = _crf_params(args) if args.crf else None  # first: a missing extra fails before anything is loaded
     device = resolve_device(args.device)
@@ -150,20 +152,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from weakseg.report import PAPER_TABLE1_OURS
 
         reference = PAPER_TABLE1_OURS
-    rows = class_table(result.metrics, result.boundary, reference=reference)
-    write_class_table(rows, out / "classes.csv", out / "classes.md")
-    plot_confusion(result.metrics.matrix, names, out / "confusion.png")
-    plot_iou_bars(result.metrics.iou, names, out / "iou.png", reference=reference)
-    if result.overlays:
-        save_overlays(result.overlays, out / "overlays.png")
+    files = write_eval_artifacts(result, names, out, reference=reference, iou_bars=True)
     scalars = result.scalars(args.split)
     _write_json(out / "metrics.json", scalars)
-    print((out / "classes.md").read_text(), end="")
+    print(files[CLASSES_MD].read_text(), end="")
     uri = args.tracking_uri or cfg.tracking.uri
     if uri:
         from weakseg.search.tracking import log_evaluation, quiet_mlflow
 
-        files = {n: out / n for n in ("classes.md", "classes.csv", "confusion.png", "iou.png", "overlays.png")}
         params = {**cfg.flat(), "checkpoint": args.checkpoint if args.checkpoint.startswith(MODELS)
                   else str(ckpt.resolve()), "split": args.split, "crf": bool(crf)}
         with quiet_mlflow():
@@ -200,7 +196,7 @@ def _split_has_masks(cfg, split: str, root: Path | None) -> bool:
                for d in ("SegmentationClass", "SegmentationClassAug"))
 
 
-def _crf_params(args: argparse.Namespace):
+def _crf_params(args: argparse.Namespace) -> CRFParams:
     import dataclasses
 
     from weakseg.crf import CRFParams, _densecrf
@@ -306,11 +302,7 @@ def cmd_export_voc(args: argparse.Namespace) -> int:
         ckpt, out.resolve(), data_root=Path(args.data).resolve() if args.data else None, split=args.split, crf=crf,
         crf_workers=args.crf_workers, device=args.device, force=args.force, workers=args.workers,
     )
-    import tarfile
-
-    with tarfile.open(path, "r:gz") as tar:
-        n = sum(1 for m in tar.getmembers() if m.name.endswith(".png"))
-    print(upload_instructions(path, n, args.split))
+    print(upload_instructions(path, args.split))
     return 0
 
 
@@ -361,8 +353,10 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _pct(x: float) -> str:
-    return "   –  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}%"
+def _pct(x: float | None) -> str:
+    from weakseg.report import format_percent
+
+    return format_percent(x, width=5)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from weakseg.checkpoint import load_checkpoint, load_weights, model_from_config, save_checkpoint, unwrap
 from weakseg.config import Config, save_config
+from weakseg.crf import CRFParams
 from weakseg.data import build
 from weakseg.data.classes import IGNORE_INDEX, VOC_CLASSES
 from weakseg.diagnostics import ImageLevelMeter, object_iou
@@ -118,7 +119,7 @@ def evaluate(
     num_classes: int,
     *,
     amp: torch.dtype | None = None,
-    crf: Any = None,
+    crf: CRFParams | None = None,
     crf_workers: int = 0,
     boundary: bool = True,
     overlays: int = 0,
@@ -351,7 +352,8 @@ def fit(
             reporter.log(it, scalars)
             state.train_log.append({"iteration": it, **scalars})
         if evaluate_now:
-            _evaluate_and_checkpoint(state, cfg, run_dir, val_loader, device, amp, progress, reporter, final=it == total)
+            _evaluate_and_checkpoint(state, cfg, run_dir, val_loader=val_loader, device=device, amp=amp,
+                                     progress=progress, reporter=reporter, final=it == total)
             model.train()
         elif checkpoint_now:
             _save_last(state, cfg, run_dir, state.history[-1] if state.history else {})
@@ -414,8 +416,10 @@ class _Window:
         return out
 
 
-def _evaluate_and_checkpoint(state, cfg, run_dir, val_loader, device, amp, progress, reporter, final) -> None:
-    from weakseg.report import class_table, plot_confusion, save_overlays, write_class_table
+def _evaluate_and_checkpoint(state: TrainState, cfg: Config, run_dir: Path, *, val_loader: Iterable[dict[str, Any]],
+                             device: torch.device, amp: torch.dtype | None, progress: bool, reporter: Reporter,
+                             final: bool) -> None:
+    from weakseg.report import class_table, write_eval_artifacts, write_tables
 
     result = evaluate(
         state.model, val_loader, device, cfg.model.num_classes, amp=amp, overlays=cfg.train.overlays,
@@ -432,14 +436,9 @@ def _evaluate_and_checkpoint(state, cfg, run_dir, val_loader, device, amp, progr
     _write_history(run_dir / "metrics.csv", state.history)
     _write_history(run_dir / TRAIN_LOG, state.train_log)
     eval_dir = run_dir / "eval"
-    table = class_table(result.metrics, result.boundary)
-    write_class_table(table, eval_dir / "classes.csv", eval_dir / "classes.md")
+    write_eval_artifacts(result, list(VOC_CLASSES[: cfg.model.num_classes]), eval_dir)
     # every evaluation's table stays, so the one behind any checkpoint can be found again
-    each = eval_dir / f"iter-{state.iteration:06d}"
-    write_class_table(table, each / "classes.csv", each / "classes.md")
-    plot_confusion(result.metrics.matrix, list(VOC_CLASSES[: cfg.model.num_classes]), eval_dir / "confusion.png")
-    if result.overlays:
-        save_overlays(result.overlays, eval_dir / "overlays.png")
+    write_tables(class_table(result.metrics, result.boundary), eval_dir / f"iter-{state.iteration:06d}")
     reporter.evaluated(state.iteration, scalars, result, final)
 
 

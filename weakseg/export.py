@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from weakseg.crf import CRFParams
 from weakseg.data.classes import NUM_CLASSES, voc_colormap, voc_palette
 from weakseg.errors import UserError
 from weakseg.io import atomic_path
@@ -89,7 +90,7 @@ def export_voc(
     *,
     data_root: Path | None = None,
     split: str = "test",
-    crf: object | None = None,
+    crf: CRFParams | None = None,
     crf_workers: int = 2,
     device: str = "auto",
     force: bool = False,
@@ -147,7 +148,10 @@ def read_archive(path: Path, into: Path) -> Path:
     return into / RESULTS_SUBDIR
 
 
-def upload_instructions(path: Path, n: int, split: str) -> str:
+def upload_instructions(path: Path, split: str) -> str:
+    """What was written (its predictions counted in the archive) and where to submit it."""
+    with tarfile.open(path, "r:gz") as tar:
+        n = sum(1 for m in tar.getmembers() if m.name.endswith(".png"))
     return (
         f"wrote {path} ({n} predictions of VOC 2012 {split}, {COMPETITION}: trained on data beyond VOC)\n"
         f"submit it at {SERVER} (log in, 'Submit results', challenge VOC2012, Segmentation, {COMPETITION})"

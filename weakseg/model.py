@@ -197,7 +197,7 @@ def load_vgg16_encoder(model: SegNet, pretrained: str) -> None:
             raise UserError(f"model.pretrained: weights file {path} does not exist")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
+        except Exception as e:  # torch.load raises many kinds (UnpicklingError, RuntimeError, EOFError...)
             raise UserError(f"model.pretrained: {path} is not a readable PyTorch state dict ({e})") from None
         source = str(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

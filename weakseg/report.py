@@ -12,15 +12,19 @@ import csv
 import io
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from weakseg.data.classes import voc_colormap
 from weakseg.errors import UserError
-from weakseg.metrics import BoundaryResult, SegMetrics
+from weakseg.io import atomic_write_with
+
+if TYPE_CHECKING:  # metrics and engine import torch: the CLI imports this module for its formatting alone
+    from weakseg.engine import EvalResult
+    from weakseg.metrics import BoundaryResult, SegMetrics
 
 __all__ = [
     "PAPER_TABLE1_OURS",
@@ -30,7 +34,11 @@ __all__ = [
     "plot_confusion",
     "plot_iou_bars",
     "save_overlays",
-    "atomic_write",
+    "write_eval_artifacts",
+    "write_tables",
+    "eval_files",
+    "EVAL_FILES",
+    "format_percent",
     "MEAN_ROW",
     "OVERLAY_HEADER",
     "OVERLAY_GAP",
@@ -66,6 +74,15 @@ PAPER_TABLE1_OURS: dict[str, float] = {
 MEAN_ROW = "mean"
 DASH = "\u2013"  # "–", for undefined values, as in printed tables
 
+# The files of one evaluation folder (a run's eval/, `weakseg evaluate`'s output): the one spelling of
+# their names for the writers here and the readers (search trials, MLflow logging).
+CLASSES_MD = "classes.md"
+CLASSES_CSV = "classes.csv"
+CONFUSION_PNG = "confusion.png"
+IOU_PNG = "iou.png"
+OVERLAYS_PNG = "overlays.png"
+EVAL_FILES = (CLASSES_MD, CLASSES_CSV, CONFUSION_PNG, IOU_PNG, OVERLAYS_PNG)
+
 # Column key -> header. Values in rows are percentages.
 _COLUMNS: dict[str, str] = {
     "iou": "IoU (%)",
@@ -75,36 +92,13 @@ _COLUMNS: dict[str, str] = {
 }
 
 
-# ---------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it into place.
-
-    Parent directories are created; on failure the temporary file is removed
-    and `path` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _write_text(path: str | os.PathLike, text: str) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
 
-    return atomic_write(path, write)
+    atomic_write_with(Path(path), write)
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------
@@ -112,8 +106,15 @@ def _write_text(path: str | os.PathLike, text: str) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def _pct(x: float) -> float:
-    return float(x) * 100.0 if not math.isnan(float(x)) else math.nan
+def _as_pct(x: float) -> float:
+    return float(x) * 100.0  # NaN stays NaN
+
+
+def format_percent(x: float | None, width: int = 0) -> str:
+    """A fraction as "12.3%", "–" where undefined; `width` pads both for aligned console columns."""
+    if x is None or math.isnan(float(x)):
+        return f"{DASH:>{width - 1}}  " if width else DASH
+    return f"{_as_pct(x):{width}.1f}%" if width else f"{_as_pct(x):.1f}%"
 
 
 def _reference_value(reference: Mapping[str, float], key: str) -> float:
@@ -145,9 +146,9 @@ def class_table(
     values = [(n, metrics.iou[i], None if boundary is None else boundary.iou[i]) for i, n in enumerate(names)]
     values.append((MEAN_ROW, metrics.miou, None if boundary is None else boundary.miou))
     for name, iou, biou in values:
-        row: dict = {"class": name, "iou": _pct(iou)}
+        row: dict = {"class": name, "iou": _as_pct(iou)}
         if boundary is not None:
-            row["boundary_iou"] = _pct(biou)
+            row["boundary_iou"] = _as_pct(biou)
         if reference is not None:
             ref = _reference_value(reference, name)
             row["reference"] = ref
@@ -215,7 +216,8 @@ def _save_figure(fig, path: str | os.PathLike, dpi: int) -> Path:
     def write(tmp: Path) -> None:
         fig.savefig(tmp, format="png", dpi=dpi)
 
-    return atomic_write(path, write)
+    atomic_write_with(Path(path), write)
+    return Path(path)
 
 
 def plot_confusion(
@@ -374,5 +376,44 @@ def save_overlays(
     def write(tmp: Path) -> None:
         img.save(tmp, format="PNG")
 
-    return atomic_write(path, write)
+    atomic_write_with(Path(path), write)
+    return Path(path)
 
+
+
+# ---------------------------------------------------------------------------
+# One evaluation's folder
+# ---------------------------------------------------------------------------
+
+
+def eval_files(out: Path) -> dict[str, Path]:
+    """Every file an evaluation folder may hold, by name (not all are written by every evaluation)."""
+    return {name: Path(out) / name for name in EVAL_FILES}
+
+
+def write_tables(rows: Sequence[Mapping], out: Path) -> dict[str, Path]:
+    """The per-class table as classes.csv and classes.md in `out`."""
+    files = eval_files(out)
+    write_class_table(rows, files[CLASSES_CSV], files[CLASSES_MD])
+    return {CLASSES_MD: files[CLASSES_MD], CLASSES_CSV: files[CLASSES_CSV]}
+
+
+def write_eval_artifacts(
+    result: "EvalResult",
+    class_names: Sequence[str],
+    out: Path,
+    *,
+    reference: Mapping[str, float] | None = None,
+    iou_bars: bool = False,
+) -> dict[str, Path]:
+    """An evaluation's tables and figures in `out`; the files written, by name.
+
+    The IoU bar chart (`iou_bars`) is drawn for `weakseg evaluate`, not at each training evaluation.
+    """
+    files = write_tables(class_table(result.metrics, result.boundary, reference=reference), out)
+    files[CONFUSION_PNG] = plot_confusion(result.metrics.matrix, class_names, Path(out) / CONFUSION_PNG)
+    if iou_bars:
+        files[IOU_PNG] = plot_iou_bars(result.metrics.iou, class_names, Path(out) / IOU_PNG, reference=reference)
+    if result.overlays:
+        files[OVERLAYS_PNG] = save_overlays(result.overlays, Path(out) / OVERLAYS_PNG)
+    return files

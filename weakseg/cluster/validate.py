@@ -243,10 +243,9 @@ def _check_sync(doc: _Doc, checkout: Path | None = None) -> str:
     rsync = shutil.which("rsync")
     if rsync is None:
         return "sync not replayed (no rsync on this machine)"
-    from ray.autoscaler._private.command_runner import SSHCommandRunner
+    from weakseg.compat import rsync_filter_args
 
-    rules = SSHCommandRunner._create_rsync_filter_args(
-        None, {"rsync_exclude": cfg.get("rsync_exclude"), "rsync_filter": cfg.get("rsync_filter")})
+    rules = rsync_filter_args(cfg.get("rsync_exclude"), cfg.get("rsync_filter"))
     with tempfile.TemporaryDirectory(prefix="weakseg-sync-") as tmp:
         out = subprocess.run([rsync, "-a", *rules, f"{checkout}/", f"{tmp}/"], capture_output=True, text=True)
         key = ("rsync_exclude",) if "rsync_exclude" in cfg else ("file_mounts",)
@@ -340,12 +339,11 @@ def _validate_launcher(doc: _Doc) -> str:
     except jsonschema.ValidationError as e:
         doc.fail(tuple(e.absolute_path), f"{e.message} (Ray's cluster schema)")
 
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from weakseg.compat import prepare_cluster_config
 
     try:
         with _quiet_ray():
-            prepared = prepare_config(copy.deepcopy(cfg))
-            validate_config(prepared)
+            prepared = prepare_cluster_config(copy.deepcopy(cfg))
     except jsonschema.ValidationError as e:
         doc.fail(tuple(e.absolute_path), f"{e.message} (after Ray's defaults)")
     except Exception as e:  # Ray raises ValueError, RuntimeError, AssertionError and click exceptions here

@@ -22,7 +22,7 @@ def resolve_checkpoint(location: str, cache: Path | None = None) -> Path:
         target = Path(cache or tempfile.mkdtemp(prefix="weakseg-ckpt-"))
         try:
             tune.Checkpoint(location).to_directory(str(target))
-        except Exception as e:
+        except Exception as e:  # pyarrow/fsspec errors vary by scheme (no credentials, no such object...)
             raise UserError(f"checkpoint {location}: cannot download it ({str(e).splitlines()[0]})") from None
         path = target / CHECKPOINT_FILE
     else:

@@ -19,6 +19,7 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
+from weakseg.compat import mlflow_tracking_uri
 from weakseg.errors import UserError
 from weakseg.search.tracking import retry
 
@@ -64,13 +65,6 @@ def input_example() -> np.ndarray:
     return np.stack(np.broadcast_arrays(r[None, :], r[:, None], r[::-1, None]), axis=-1)[None].copy()
 
 
-def _tracking(uri: str):
-    """MLflow's fluent API (log_model) with `uri`, the process's tracking URI restored afterwards."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    return _use_tracking_uri(uri)
-
-
 def _quiet_pickle_warning():
     """The pickled object is a `Segmenter`, a class of the weakseg package (pickled by reference), which
     MLflow's warning about serialising arbitrary Python objects does not concern."""
@@ -102,7 +96,7 @@ def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, register_as: s
                         best_miou=float(state.get("best_miou", float("nan"))), metrics=state.get("metrics"))
 
         def log():
-            with _tracking(uri), _quiet_pickle_warning(), mlflow.start_run(run_id=run_id):
+            with mlflow_tracking_uri(uri), _quiet_pickle_warning(), mlflow.start_run(run_id=run_id):
                 return mlflow.pyfunc.log_model(
                     name=MODEL_NAME, python_model=Segmenter(), artifacts={ARTIFACT: str(slim)},
                     signature=_signature(), input_example=input_example(), pip_requirements=_requirements(),

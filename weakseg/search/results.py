@@ -31,6 +31,7 @@ import yaml
 
 from weakseg.data.classes import VOC_CLASSES
 from weakseg.io import atomic_write_text, atomic_write_with
+from weakseg.report import format_percent
 
 
 @dataclass
@@ -152,11 +153,11 @@ def write_summary(
     md.append("| " + " | ".join(head) + " |")
     md.append("|" + "|".join(["---"] * len(head)) + "|")
     for i, r in enumerate(rows, 1):
-        cells = [str(i), r.trial_id, r.outcome, str(r.iterations), _pct(r.final), _pct(r.peak),
+        cells = [str(i), r.trial_id, r.outcome, str(r.iterations), format_percent(r.final), format_percent(r.peak),
                  *[_fmt(r.params.get(k, "–")) for k in param_keys]]
         md.append("| " + " | ".join(cells) + " |")
     if best is not None:
-        md += ["", f"Chosen: trial `{best.trial_id}`, final {metric} = {_pct(best.final)}; "
+        md += ["", f"Chosen: trial `{best.trial_id}`, final {metric} = {format_percent(best.final)}; "
                    f"last checkpoint `{best.checkpoint}`."]
     failed = [r for r in rows if r.outcome in ("failed", "diverged")]
     if failed:
@@ -181,10 +182,6 @@ def write_summary(
 
 def _num(x: float) -> str:
     return "" if math.isnan(x) else f"{x:.6f}"
-
-
-def _pct(x: float) -> str:
-    return "–" if math.isnan(x) else f"{100 * x:.1f}%"
 
 
 def _fmt(v: Any) -> str:

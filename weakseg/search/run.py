@@ -141,9 +141,9 @@ def prepare_local_auth(address: str | None) -> None:
     if os.environ["RAY_AUTH_MODE"].lower() == "token":
         ensure_auth_token()
     if "ray" in sys.modules:  # ray caches its config at import: refresh it
-        from ray._raylet import Config
+        from weakseg.compat import refresh_ray_config
 
-        Config.initialize("")
+        refresh_ray_config()
 
 
 def ensure_auth_token() -> None:
@@ -168,14 +168,14 @@ def autoscaler_node_types() -> list[dict[str, float]]:
     publishes its node groups), else from `ray up`'s bootstrap config on the head node.
     """
     out: list[dict[str, float]] = []
-    try:  # a private Ray API: tolerate its absence or churn
-        import ray._private.state
+    try:
+        from weakseg.compat import autoscaler_cluster_config
 
-        config = ray._private.state.state.get_cluster_config()
+        config = autoscaler_cluster_config()
         for group in (config.node_group_configs if config is not None else []):
             if group.max_count != 0:
                 out.append({k: float(v) for k, v in group.resources.items()})
-    except Exception:
+    except Exception:  # a private Ray API (no GCS to ask, or moved): the bootstrap config below may still say
         pass
     path = Path("~/ray_bootstrap_config.yaml").expanduser()
     if path.is_file():
@@ -231,6 +231,43 @@ def run_search(space: SearchSpace, *, resume: bool = False, address: str | None 
 
 def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check: bool, restart: bool,
                 apply_safe_changes: bool, lock: Any) -> SearchOutcome:
+    """The search's phases: refuse or prepare, open the parent run, build the Tuner, run, summarise."""
+    from weakseg.search.lifecycle import Interruption, write_space_record
+    from weakseg.search.tracking import quiet_mlflow
+
+    exp_path, previous, changes = _refuse_or_prepare(space, resume=resume, address=address, check=check,
+                                                     restart=restart, apply_safe_changes=apply_safe_changes)
+    parent = _open_parent_run(space, exp_path, previous=previous, resume=resume, restart=restart, changes=changes)
+    started = time.time()
+    try:
+        tuner, callback = _build_tuner(space, parent, exp_path, resume=resume, changes=changes)
+        with Interruption(lambda sig: _abandon(space, parent, sig, lock)) as interruption:
+            grid = tuner.fit()
+    except KeyboardInterrupt:  # a second signal: no summary, the parent run says so
+        with quiet_mlflow():
+            parent.tag("weakseg.outcome", "interrupted")
+            parent.finish("KILLED", {}, {})
+        raise
+    if changes:
+        write_space_record(exp_path, space)  # the applied changes are now the search's space
+    unfinished = set()
+    if interruption.signal:  # trials Tune had not finished when the signal came: cut, to be resumed
+        unfinished = {t for t, st in callback.status.items() if st not in ("TERMINATED", "ERROR")}
+    try:
+        return _finish(space, parent, grid, time.time() - started, interruption.signal, unfinished)
+    except UserError as e:  # e.g. no space left for the summaries: the parent run must not stay RUNNING
+        import contextlib
+
+        with quiet_mlflow(), contextlib.suppress(Exception):
+            parent.tag("weakseg.error", str(e))
+            parent.finish("FAILED", {}, {})
+        raise
+
+
+def _refuse_or_prepare(space: SearchSpace, *, resume: bool, address: str | None, check: bool, restart: bool,
+                       apply_safe_changes: bool) -> tuple[str, bool, dict]:
+    """Every check that can refuse the search, then Ray started: (experiment path, whether a previous
+    search is there, the space changes a --resume applies)."""
     prepare_local_auth(address)
     # Ray's newer console output prints every reported metric (21 IoUs per line); the classic
     # reporter shows the columns chosen below. Read when ray.tune runs, so set it first.
@@ -242,19 +279,12 @@ def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
 
     from weakseg.data import build
-    from weakseg.data.fingerprint import fingerprint
-    from weakseg.search.callbacks import MlflowCallback
-    from weakseg.search.searcher import EarlyStopAwareOptunaSearch
-    from weakseg.search.tracking import SearchRun, quiet_mlflow
-
     from weakseg.search import lifecycle
+    from weakseg.search.tracking import check_reachable
 
     s = space.settings
-    cfg = space.base_config
     exp_path = f"{s.storage_path.rstrip('/')}/{space.name}"
     restorable = tune.Tuner.can_restore(exp_path)
     previous = restorable or _experiment_exists(exp_path)
@@ -276,8 +306,6 @@ def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check:
             "pass --resume to continue it, --restart to start it over, or change `name` in the space file"
         )
 
-    from weakseg.search.tracking import check_reachable
-
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
         probe_address(target)
@@ -290,6 +318,7 @@ def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check:
     init_ray(address)
     if check:
         check_resources(s.resources.cpu, s.resources.gpu)
+    cfg = space.base_config
     if cfg.data.dataset == "synthetic":
         build.ensure_synthetic(cfg.data)  # once here rather than racing in the first trials
     if s.pseudo_labels is not None:  # the second stage's labels, before anything reads the training set
@@ -299,6 +328,14 @@ def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check:
         ensure_pseudo_labels(Path(s.pseudo_labels.checkpoint), space.pseudo_root,
                              data_root=build.ensure_synthetic(cfg.data), threshold=s.pseudo_labels.threshold,
                              crf=CRFParams() if s.pseudo_labels.crf else None, replace=not resume)
+    return exp_path, previous, changes
+
+
+def _open_parent_run(space: SearchSpace, exp_path: str, *, previous: bool, resume: bool, restart: bool,
+                     changes: dict) -> Any:
+    """The search's MLflow parent run (a --restart first retires the previous search), and search.json."""
+    from weakseg.data.fingerprint import fingerprint
+    from weakseg.search.tracking import SearchRun, quiet_mlflow
 
     search_key = exp_path
     with quiet_mlflow():
@@ -321,99 +358,88 @@ def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check:
                     **{f"fixed.{k}": v.value for k, v in space.fixed.items()}},
             space_file=space.path,
             code_version=code_version(),
-            data=fingerprint(cfg),
+            data=fingerprint(space.base_config),
         )
         for key, (before, after) in changes.items():  # MLflow params are immutable: the change is a tag
             parent.tag(f"weakseg.resumed.{key}", f"{before} -> {after}")
     _write_search_json(space, parent, "running")  # export-voc --best refuses a running search
     print(plan(space), flush=True)
     print(f"MLflow parent run {parent.run_id}", flush=True)
+    return parent
 
+
+def _build_tuner(space: SearchSpace, parent: Any, exp_path: str, *, resume: bool, changes: dict) -> tuple[Any, Any]:
+    """(Tuner, MlflowCallback): restored for --resume, else new (and the space recorded beside it)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from weakseg.search.callbacks import MlflowCallback
+    from weakseg.search.lifecycle import write_space_record
+    from weakseg.search.searcher import EarlyStopAwareOptunaSearch
+
+    s = space.settings
     setup = TrialSetup(base_values=space.base_values(), metric=s.metric)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup),
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
     )
     full = space.full_iterations
-    started = time.time()
-    from weakseg.search.lifecycle import Interruption
+    if resume:
+        try:
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False)
+        except Exception as e:  # a truncated or foreign tuner.pkl: one line, no fresh search
+            raise UserError(f"--resume: the search state at {exp_path} cannot be restored "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+                            "--restart starts it over (MLflow keeps its runs)") from None
+        callback = _mlflow_callback_of(tuner)
+        if "settings.samples" in changes:
+            from weakseg.search.searcher import resize_restored_search
 
-    try:
-        if resume:
-            try:
-                tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
-                                           resume_errored=False)
-            except Exception as e:  # a truncated or foreign tuner.pkl: one line, no fresh search
-                raise UserError(f"--resume: the search state at {exp_path} cannot be restored "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
-                                "--restart starts it over (MLflow keeps its runs)") from None
-            callback = _mlflow_callback_of(tuner)
-            if "settings.samples" in changes:
-                from weakseg.search.searcher import resize_restored_search
-
-                resize_restored_search(tuner, s.samples)
-        else:
-            searcher = EarlyStopAwareOptunaSearch(
-                space=space.optuna_space(), metric=s.metric, mode=s.mode, sampler=_sampler(space),
-                full_iterations=full,
-            )
-            if s.scheduler.type == "asha":
-                scheduler = ASHAScheduler(
-                    time_attr="iteration", metric=s.metric, mode=s.mode, max_t=s.scheduler.max_t,
-                    grace_period=s.scheduler.grace, reduction_factor=s.scheduler.reduction_factor,
-                )
-            else:
-                scheduler = FIFOScheduler()
-            callback = MlflowCallback(parent, space.base_values(), full)
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
-                    scheduler=scheduler,
-                    num_samples=s.samples,
-                    reuse_actors=True,
-                ),
-                run_config=tune.RunConfig(
-                    name=space.name,
-                    storage_path=s.storage_path,
-                    failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                    # only the latest checkpoint: the one a trial's final score is of (what the search
-                    # reports and exports) and the one a retry resumes from; none is picked on val
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    callbacks=[callback],
-                    progress_reporter=tune.CLIReporter(
-                        metric_columns={"iteration": "iter", s.metric: s.metric, "train/loss": "loss"},
-                        parameter_columns=[p.key for p in space.params],
-                        max_report_frequency=30,
-                        sort_by_metric=True,
-                        metric=s.metric,
-                        mode=s.mode,
-                    ),
-                    verbose=1,
-                ),
-            )
-            lifecycle.write_space_record(exp_path, space)  # the Tuner has created the experiment folder
-        with Interruption(lambda sig: _abandon(space, parent, sig, lock)) as interruption:
-            grid = tuner.fit()
-    except KeyboardInterrupt:  # a second signal: no summary, the parent run says so
-        with quiet_mlflow():
-            parent.tag("weakseg.outcome", "interrupted")
-            parent.finish("KILLED", {}, {})
-        raise
-    if changes:
-        lifecycle.write_space_record(exp_path, space)  # the applied changes are now the search's space
-    unfinished = set()
-    if interruption.signal:  # trials Tune had not finished when the signal came: cut, to be resumed
-        unfinished = {t for t, st in callback.status.items() if st not in ("TERMINATED", "ERROR")}
-    try:
-        return _finish(space, parent, grid, time.time() - started, interruption.signal, unfinished)
-    except UserError as e:  # e.g. no space left for the summaries: the parent run must not stay RUNNING
-        import contextlib
-
-        with quiet_mlflow(), contextlib.suppress(Exception):
-            parent.tag("weakseg.error", str(e))
-            parent.finish("FAILED", {}, {})
-        raise
+            resize_restored_search(tuner, s.samples)
+        return tuner, callback
+    searcher = EarlyStopAwareOptunaSearch(
+        space=space.optuna_space(), metric=s.metric, mode=s.mode, sampler=_sampler(space),
+        full_iterations=full,
+    )
+    if s.scheduler.type == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="iteration", metric=s.metric, mode=s.mode, max_t=s.scheduler.max_t,
+            grace_period=s.scheduler.grace, reduction_factor=s.scheduler.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    callback = MlflowCallback(parent, space.base_values(), full)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
+            scheduler=scheduler,
+            num_samples=s.samples,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=space.name,
+            storage_path=s.storage_path,
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            # only the latest checkpoint: the one a trial's final score is of (what the search
+            # reports and exports) and the one a retry resumes from; none is picked on val
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[callback],
+            progress_reporter=tune.CLIReporter(
+                metric_columns={"iteration": "iter", s.metric: s.metric, "train/loss": "loss"},
+                parameter_columns=[p.key for p in space.params],
+                max_report_frequency=30,
+                sort_by_metric=True,
+                metric=s.metric,
+                mode=s.mode,
+            ),
+            verbose=1,
+        ),
+    )
+    write_space_record(exp_path, space)  # the Tuner has created the experiment folder
+    return tuner, callback
 
 
 def _abandon(space: SearchSpace, parent: Any, signal_name: str, lock: Any) -> None:
@@ -441,7 +467,9 @@ def _mlflow_callback_of(tuner: Any) -> Any:
     """The MlflowCallback restored with the Tuner (Ray pickles the run config, callbacks included)."""
     from weakseg.search.callbacks import MlflowCallback
 
-    callbacks = tuner._local_tuner._run_config.callbacks or []  # private, as Tuner.restore has no setter
+    from weakseg.compat import restored_run_config
+
+    callbacks = restored_run_config(tuner).callbacks or []
     found = [c for c in callbacks if isinstance(c, MlflowCallback)]
     if not found:
         raise UserError("--resume: the restored search has no weakseg MLflow callback (not a weakseg search?)")
@@ -464,9 +492,9 @@ def _write_search_json(space: SearchSpace, parent: Any, status: str, **fields: A
 def _experiment_fs(exp_path: str):
     """(filesystem, path) of a Ray experiment folder, resolved as Ray Tune resolves storage paths
     (pyarrow, with fsspec for schemes pyarrow lacks), so weakseg and Tune agree on what is there."""
-    from ray.train._internal.storage import get_fs_and_path
+    from weakseg.compat import storage_fs_and_path
 
-    return get_fs_and_path(exp_path if "://" in exp_path else str(Path(exp_path).resolve()))
+    return storage_fs_and_path(exp_path if "://" in exp_path else str(Path(exp_path).resolve()))
 
 
 def _experiment_exists(exp_path: str) -> bool:
@@ -484,7 +512,7 @@ def _delete_experiment(exp_path: str) -> None:
     try:
         fs, path = _experiment_fs(exp_path)
         fs.delete_dir(path)
-    except Exception as e:
+    except Exception as e:  # pyarrow raises OSError or ArrowInvalid, fsspec its own: each is the user's to see
         raise UserError(f"--restart: could not remove the previous search at {exp_path} ({e})") from None
 
 
@@ -571,7 +599,7 @@ def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float, interrup
         split = space.export.split
         export_path = export_voc(resolve_checkpoint(best.checkpoint), space.results_dir / f"voc_{split}_submission.tar.gz",
                                  split=split, crf=crf, force=True)
-        print(upload_instructions(export_path, _count_ids(export_path), split))
+        print(upload_instructions(export_path, split))
     return SearchOutcome(space.results_dir, space.tracking_uri, space.experiment, parent.run_id,
                          best.trial_id if best else None, best.final if best else math.nan, export_path, model_uri,
                          interrupted, ok)
@@ -586,13 +614,6 @@ def _log_model(space: SearchSpace, parent: Any, best: Any) -> str | None:
     uri = parent.log_model(best.trial_id, resolve_checkpoint(best.checkpoint), best.checkpoint, space.register_as)
     print(f"MLflow model: {uri} (trial {best.trial_id})", flush=True)
     return uri
-
-
-def _count_ids(archive: Path) -> int:
-    import tarfile
-
-    with tarfile.open(archive, "r:gz") as tar:
-        return sum(1 for m in tar.getmembers() if m.name.endswith(".png"))
 
 
 def _reconcile_children(parent: Any, rows: list, interrupted: str | None = None) -> None:

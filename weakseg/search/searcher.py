@@ -20,6 +20,8 @@ from optuna.trial import TrialState
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from weakseg import compat
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,7 +36,8 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        ot_trial = compat.optuna_trial(self, trial_id)
+        if trial_id in compat.completed_trials(self) or ot_trial is None:
             return super().on_trial_complete(trial_id, result, error)
         state = None
         if not error and result is not None:
@@ -45,12 +48,12 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
         if state is None:
             return super().on_trial_complete(trial_id, result, error)
         try:
-            self._ot_study.tell(self._ot_trials[trial_id], state=state)
+            compat.optuna_study(self).tell(ot_trial, state=state)
         except Exception as e:  # as Ray's OptunaSearch does: a bookkeeping error must not end the search
             # e.g. Optuna's GridSampler calls study.stop() once every grid point has been handed out,
             # and stop() raises outside study.optimize(), after the trial's state has been stored
             logger.warning("Optuna could not record trial %s as %s: %s", trial_id, state.name, e)
-        self._completed_trials.add(trial_id)
+        compat.completed_trials(self).add(trial_id)
 
 
 
@@ -63,15 +66,14 @@ class ResizedSearchGenerator(SearchGenerator):
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
-        self._total_samples = self.samples
-        self._finished = self._counter >= self.samples
+        compat.set_search_budget(self, self.samples)
 
 
 def resize_restored_search(tuner: Any, samples: int) -> None:
     """`--resume --apply-safe-changes` with more samples: Ray restores the trial budget from its saved search
     state, so the restored search algorithm is wrapped in a generator that overrides it after restoring."""
-    internal = tuner._local_tuner  # private: Tuner.restore takes no new TuneConfig
-    search_alg = internal._tune_config.search_alg
+    tune_config = compat.restored_tune_config(tuner)
+    search_alg = tune_config.search_alg
     if isinstance(search_alg, SearchGenerator):
         search_alg = search_alg.searcher
-    internal._tune_config.search_alg = ResizedSearchGenerator(search_alg, samples)
+    tune_config.search_alg = ResizedSearchGenerator(search_alg, samples)

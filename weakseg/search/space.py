@@ -483,31 +483,47 @@ def _parse_settings(raw: Any, loc: _Loc, path: Path) -> Settings:
     if mode not in ("max", "min"):
         raise loc.error("settings.mode", f"must be max or min (got {mode!r})")
 
-    sched_raw = raw.get("scheduler", "none")
-    if sched_raw in (None, "none"):
-        scheduler = Scheduler()
-    elif sched_raw == "asha":
-        raise loc.error("settings.scheduler", "asha needs {type: asha, grace: N, max_t: N}")
-    elif isinstance(sched_raw, dict):
-        for k in sched_raw:
-            if k not in ("type", "grace", "max_t", "reduction_factor"):
-                raise loc.error(f"settings.scheduler.{k}", "unknown option (type, grace, max_t, reduction_factor)")
-        typ = sched_raw.get("type", "asha")
-        if typ not in ("asha", "none"):
-            raise loc.error("settings.scheduler.type", f"must be asha or none (got {typ!r})")
-        vals = {}
-        for k, lo in (("grace", 1), ("max_t", 0), ("reduction_factor", 2)):
-            if typ == "none":
-                break  # {type: none}: the other options don't apply
-            v = sched_raw.get(k, Scheduler.__dataclass_fields__[k].default)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise loc.error(f"settings.scheduler.{k}", f"must be an integer >= {lo} (got {v!r})")
-            vals[k] = v
-        scheduler = Scheduler(typ, **vals) if typ == "asha" else Scheduler()
-    else:
-        raise loc.error("settings.scheduler", "must be none or {type: asha, grace: N, max_t: N}")
+    scheduler = _parse_scheduler(raw.get("scheduler", "none"), loc)
+    resources = _parse_resources(raw.get("resources", {}), loc)
+    results_dir = _location(raw, "results_dir", "../results", loc, path)
+    storage_path = _location(raw, "storage_path", str(Path(results_dir) / "ray"), loc, path)
+    uri, exp, register_as = _parse_mlflow(raw.get("mlflow") or {}, loc, path)
+    return Settings(
+        pseudo_labels=_parse_pseudo_labels(raw.get("pseudo_labels"), loc, path),
+        sampler=sampler, samples=samples, metric=metric, mode=mode, scheduler=scheduler, max_concurrent=max_concurrent,
+        resources=resources, max_failures=max_failures, seed=seed,
+        storage_path=storage_path, results_dir=results_dir, tracking_uri=uri, experiment=exp,
+        register_as=register_as,
+    )
 
-    res_raw = raw.get("resources", {})
+
+def _parse_scheduler(sched_raw: Any, loc: _Loc) -> Scheduler:
+    """settings.scheduler: none, or {type: asha, grace, max_t, reduction_factor}."""
+    if sched_raw in (None, "none"):
+        return Scheduler()
+    if sched_raw == "asha":
+        raise loc.error("settings.scheduler", "asha needs {type: asha, grace: N, max_t: N}")
+    if not isinstance(sched_raw, dict):
+        raise loc.error("settings.scheduler", "must be none or {type: asha, grace: N, max_t: N}")
+    for k in sched_raw:
+        if k not in ("type", "grace", "max_t", "reduction_factor"):
+            raise loc.error(f"settings.scheduler.{k}", "unknown option (type, grace, max_t, reduction_factor)")
+    typ = sched_raw.get("type", "asha")
+    if typ not in ("asha", "none"):
+        raise loc.error("settings.scheduler.type", f"must be asha or none (got {typ!r})")
+    vals = {}
+    for k, lo in (("grace", 1), ("max_t", 0), ("reduction_factor", 2)):
+        if typ == "none":
+            break  # {type: none}: the other options don't apply
+        v = sched_raw.get(k, Scheduler.__dataclass_fields__[k].default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise loc.error(f"settings.scheduler.{k}", f"must be an integer >= {lo} (got {v!r})")
+        vals[k] = v
+    return Scheduler(typ, **vals) if typ == "asha" else Scheduler()
+
+
+def _parse_resources(res_raw: Any, loc: _Loc) -> Resources:
+    """settings.resources: {cpu, gpu} of one trial."""
     if not isinstance(res_raw, dict):
         raise loc.error("settings.resources", "must be a mapping like {cpu: 1, gpu: 1}")
     for k in res_raw:
@@ -518,24 +534,27 @@ def _parse_settings(raw: Any, loc: _Loc, path: Path) -> Settings:
         raise loc.error("settings.resources.cpu", f"must be a number > 0 (got {cpu!r})")
     if not _number(gpu) or gpu < 0 or (gpu > 1 and not float(gpu).is_integer()):
         raise loc.error("settings.resources.gpu", f"must be 0, a fraction in (0, 1], or a whole number (got {gpu!r})")
+    return Resources(float(cpu), float(gpu))
 
-    def location(k: str, default: str) -> str:
-        v = raw.get(k, default)
-        if not isinstance(v, str) or not v:
-            raise loc.error(f"settings.{k}", "must be a path or URI")
-        if "://" in v:
-            scheme = v.split("://", 1)[0]
-            if k == "storage_path" and scheme not in ("s3", "gs", "gcs", "file", "abfs", "hdfs"):
-                raise loc.error(f"settings.{k}", f"unsupported scheme {scheme!r} (local path, s3://, gs://)")
-            if k == "results_dir":
-                raise loc.error(f"settings.{k}", "must be a local folder")
-            return v
-        p = Path(v).expanduser()
-        return str((path.parent / p).resolve() if not p.is_absolute() else p)
 
-    results_dir = location("results_dir", "../results")
-    storage_path = location("storage_path", str(Path(results_dir) / "ray"))
-    ml = raw.get("mlflow") or {}
+def _location(raw: Mapping[str, Any], k: str, default: str, loc: _Loc, path: Path) -> str:
+    """settings.results_dir / storage_path: a URI as written, a local path resolved against the space file."""
+    v = raw.get(k, default)
+    if not isinstance(v, str) or not v:
+        raise loc.error(f"settings.{k}", "must be a path or URI")
+    if "://" in v:
+        scheme = v.split("://", 1)[0]
+        if k == "storage_path" and scheme not in ("s3", "gs", "gcs", "file", "abfs", "hdfs"):
+            raise loc.error(f"settings.{k}", f"unsupported scheme {scheme!r} (local path, s3://, gs://)")
+        if k == "results_dir":
+            raise loc.error(f"settings.{k}", "must be a local folder")
+        return v
+    p = Path(v).expanduser()
+    return str((path.parent / p).resolve() if not p.is_absolute() else p)
+
+
+def _parse_mlflow(ml: Any, loc: _Loc, path: Path) -> tuple[str | None, str | None, str | None]:
+    """settings.mlflow: (tracking_uri, experiment, register_as)."""
     if not isinstance(ml, dict):
         raise loc.error("settings.mlflow", "must be a mapping {tracking_uri: ..., experiment: ..., register_as: ...}")
     for k in ml:
@@ -552,13 +571,7 @@ def _parse_settings(raw: Any, loc: _Loc, path: Path) -> Settings:
     register_as = ml.get("register_as")
     if register_as is not None and not (isinstance(register_as, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", register_as)):
         raise loc.error("settings.mlflow.register_as", "must be a model name of letters, digits, '.', '-' or '_'")
-    return Settings(
-        pseudo_labels=_parse_pseudo_labels(raw.get("pseudo_labels"), loc, path),
-        sampler=sampler, samples=samples, metric=metric, mode=mode, scheduler=scheduler, max_concurrent=max_concurrent,
-        resources=Resources(float(cpu), float(gpu)), max_failures=max_failures, seed=seed,
-        storage_path=storage_path, results_dir=results_dir, tracking_uri=uri, experiment=exp,
-        register_as=register_as,
-    )
+    return uri, exp, register_as
 
 
 def _parse_pseudo_labels(raw: Any, loc: _Loc, path: Path) -> PseudoLabels | None:

@@ -116,7 +116,7 @@ def ensure_experiment(uri: str, name: str) -> str:
             return exp.experiment_id
         try:
             return client.create_experiment(name, artifact_location=default_artifact_root(uri))
-        except Exception:
+        except Exception:  # MlflowException or the store's IntegrityError on a race; re-raised unless a race
             exp = client.get_experiment_by_name(name)  # created by someone else in between
             if exp is None:
                 raise
@@ -408,7 +408,7 @@ def checkpoint_of_run(uri: str, run_id: str) -> str:
     client = _client(uri)
     try:
         run = client.get_run(run_id)
-    except Exception as e:
+    except Exception as e:  # MlflowException (no such run) or the store's own error: one line for the user
         raise UserError(f"--mlflow-run {run_id}: no such run at {uri} ({str(e).splitlines()[0]})") from None
     location = run.data.tags.get(TAG_CHECKPOINT)
     if not location:
@@ -549,13 +549,9 @@ def log_evaluation(uri: str, experiment: str, run_name: str, params: Mapping[str
 
 def eval_artifacts(run_dir: Path) -> dict[str, Path]:
     """The files `engine.fit` writes at each evaluation, worth attaching to a run."""
-    return {
-        "config": run_dir / "config.yaml",
-        "classes.md": run_dir / "eval" / "classes.md",
-        "classes.csv": run_dir / "eval" / "classes.csv",
-        "confusion": run_dir / "eval" / "confusion.png",
-        "overlays": run_dir / "eval" / "overlays.png",
-    }
+    from weakseg.report import eval_files
+
+    return {"config": run_dir / "config.yaml", **eval_files(run_dir / "eval")}
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ folder — the training state (`checkpoint.pt`), the training log since the last
 evaluation, the resolved config and the evaluation's tables and plots — and
 hands it to `tune.report` together with the val metrics. Ray persists the
 folder to the search's storage path; the driver logs metrics and artifacts to
-MLflow from there (see `tracking.MlflowCallback`). So trials on worker nodes
+MLflow from there (see `callbacks.MlflowCallback`). So trials on worker nodes
 never need to reach the MLflow server, which can stay bound to localhost on
 the head node, and the SQLite store of a local search has a single writer.
 
@@ -28,10 +28,10 @@ from typing import Any, Mapping
 from weakseg.config import build_config, mapping_settings
 from weakseg.engine import TrainingDiverged, fit
 from weakseg.io import csv_text
+from weakseg.report import EVAL_FILES
 
 CHECKPOINT_FILE = "checkpoint.pt"
 TRAIN_LOG_FILE = "train_log.csv"
-EVAL_FILES = ("classes.md", "classes.csv", "confusion.png", "overlays.png")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class TuneReporter:
             shutil.copy2(self.run_dir / "checkpoints" / "last.pt", folder / CHECKPOINT_FILE)
             shutil.copy2(self.run_dir / "config.yaml", folder / "config.yaml")
             (folder / "eval").mkdir()
-            for name in EVAL_FILES:
+            for name in EVAL_FILES:  # those this evaluation wrote
                 if (self.run_dir / "eval" / name).is_file():
                     shutil.copy2(self.run_dir / "eval" / name, folder / "eval" / name)
             (folder / TRAIN_LOG_FILE).write_text(csv_text(self.train_log))
