@@ -5,7 +5,7 @@
 Every run is `weakseg train demo` (tiny backbone, random init, the synthetic VOC-layout
 set at 128 px, CPU) with the overrides listed in RUNS; the table reports the last val
 evaluation (the peak over evaluations only as information: it is picked on the same val
-images, so it is optimistic), the per-class IoU of the last one, and each run's wall time.
+images, so it is optimistic) and the per-class IoU of the last one.
 """
 
 from __future__ import annotations
@@ -191,19 +191,20 @@ def main() -> None:
         + " ".join(f"--set {s}" for s in COMMON + schedule(args))
         + " --set <overrides>`. Regenerate with "
         f"`.venv/bin/python scripts/synthetic_baselines.py --jobs {args.jobs} --iterations {args.iterations} "
-        f"--rows {args.rows}`. Wall times are of a machine shared with other work while they ran: compare "
-        "them only within a table row's seeds.",
+        f"--rows {args.rows}`. Each run takes 5–8 min of one core on this machine when it has the core to "
+        "itself (the runs' own clocks, in `OUT/wall_seconds.txt`, are not reported: these ran beside other "
+        "work and some were interrupted and resumed; `benchmarks/` measures speed).",
         "",
         "| run | overrides | val mIoU (last) | peak val mIoU (picked on val, info only) | boundary IoU (last) "
-        "| trimap acc 4 px (last) | wall time |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| trimap acc 4 px (last) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in results:
         last = r["rows"][-1]
         best = max(float(x["val/miou"]) for x in r["rows"])
         lines.append(
             f"| {r['label']} | `{' '.join(r['sets'])}` | {pct(last['val/miou'])} | {pct(best)} | "
-            f"{pct(last.get('val/boundary_iou'))} | {pct(last.get('val/trimap_acc/4px'))} | {r['seconds'] / 60:.1f} min |"
+            f"{pct(last.get('val/boundary_iou'))} | {pct(last.get('val/trimap_acc/4px'))} |"
         )
     lines += ["", *findings(results)]
     if repeats:
