@@ -129,3 +129,15 @@ def test_the_dataset_digest_follows_the_split_files(tmp_path: Path, synth_root: 
     ids = split.read_text().split()
     split.write_text("\n".join(ids[:-1]) + "\n")  # one id fewer in the split list
     assert fingerprint(cfg).digest != before.digest
+
+
+def test_a_search_shorter_than_one_sampling_interval_still_gets_system_metrics(tmp_path: Path):
+    """MLflow samples every 10 s and drops the interval it is stopped in; the parent run must not end bare."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = SearchRun(uri, "exp", "/ray/short")
+    run.start(False, {}, tmp_path / "space.yaml", "0.1.0")
+    assert run.monitor is not None, "psutil is a dependency: the sampler must start"
+    run.finish("FINISHED", {"trials": 1.0}, {})  # well inside the first 10 s interval
+    metrics = MlflowClient(uri).get_run(run.run_id).data.metrics
+    cpu = [k for k in metrics if k.startswith("system/cpu_utilization")]
+    assert cpu and 0.0 <= metrics[cpu[0]] <= 100.0 * 64, sorted(metrics)

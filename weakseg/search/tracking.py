@@ -231,6 +231,20 @@ def start_system_metrics(uri: str, run_id: str, resume: bool = False):
     return monitor
 
 
+def finish_system_metrics(monitor) -> None:
+    """Stop the sampler and log the samples it holds since its last publish.
+
+    MLflow's sampler logs once per interval (10 s) and drops the samples of the interval in which it is
+    stopped, so a run shorter than one interval would get no system metrics at all."""
+    monitor.finish()  # joins the sampler thread: what follows cannot race it
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as e:  # noqa: BLE001 -- system metrics are a nicety; never fail a run's close for them
+        print(f"MLflow: the last system metrics were not logged: {e}", flush=True)
+
+
 # ------------------------------------------------------------------- parent (driver)
 
 
@@ -333,7 +347,7 @@ class SearchRun:
 
     def finish(self, status: str, metrics: Mapping[str, float], files: Mapping[str, Path]) -> None:
         if self.monitor is not None:
-            self.monitor.finish()
+            finish_system_metrics(self.monitor)
             self.monitor = None
         client = _client(self.uri)
         if metrics:
@@ -507,7 +521,7 @@ class TrainRunReporter:
 
     def close(self, error: BaseException | None = None) -> None:
         if self.monitor is not None:
-            self.monitor.finish()
+            finish_system_metrics(self.monitor)
         status = "FINISHED" if error is None else ("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         last = self.run_dir / "checkpoints" / "last.pt"
         if error is None and last.is_file():  # the run's model: its last checkpoint, as a search selects
