@@ -364,3 +364,27 @@ def test_format_1_checkpoints_without_decoder_biases_still_evaluate(tmp_path: Pa
         torch.testing.assert_close(loaded(image), expected_model(image), rtol=0, atol=0)
     with pytest.raises(UserError, match="format 1.*cannot resume"):
         fit(cfg_with(tiny_overrides, "optim.iterations=4"), tmp_path / "run", resume_from=old)
+
+
+def test_adamw_first_step_moves_every_weight_by_lr_times_the_gradients_sign(tiny_overrides):
+    """AdamW's first step is lr · g / (|g| + eps) ≈ lr · sign(g) (bias-corrected moments m̂ = g, v̂ = g²),
+    where SGD's would be lr · g: the configured optimizer, its lr groups and beta1 = optim.momentum."""
+    cfg = cfg_with(tiny_overrides, "optim.optimizer=adamw", "optim.lr_new=0.1", "optim.lr_pretrained=0.1",
+                   "optim.weight_decay=0", "optim.momentum=0.8")
+    model = SegNet("tiny", 21, 8, 4)
+    opt = make_optimizer(model, cfg)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.8, 0.999)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.rand(2, 3, 32, 32) * 255).square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    for b, g, p in zip(before, grads, model.parameters()):
+        big = g.abs() > 1e-4  # eps = 1e-8 is negligible there
+        torch.testing.assert_close((b - p.detach())[big], 0.1 * g[big].sign(), rtol=1e-3, atol=1e-6)
+
+
+def test_resuming_with_another_optimizer_is_refused(tmp_path: Path, tiny_overrides):
+    fit(cfg_with(tiny_overrides, "optim.iterations=2", "train.eval_every=2"), tmp_path / "r")
+    cfg = cfg_with(tiny_overrides, "optim.iterations=4", "train.eval_every=2", "optim.optimizer=adamw")
+    with pytest.raises(UserError, match=r"optim.optimizer=sgd"):
+        fit(cfg, tmp_path / "r", resume_from=tmp_path / "r" / "checkpoints" / "last.pt")

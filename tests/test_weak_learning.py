@@ -127,7 +127,7 @@ def test_a_run_that_collapses_is_flagged_warned_and_tagged(tiny_overrides, tmp_p
 # ------------------------------------------------------------------ the image-level loss
 
 
-def loop_pool(p: np.ndarray, pool: str, r: float, valid: np.ndarray) -> np.ndarray:
+def loop_pool(p: np.ndarray, pool: str, r: float, valid: np.ndarray, k: float = 0.1) -> np.ndarray:
     B, C = p.shape[:2]
     out = np.zeros((B, C - 1))
     for b in range(B):
@@ -137,12 +137,15 @@ def loop_pool(p: np.ndarray, pool: str, r: float, valid: np.ndarray) -> np.ndarr
                 out[b, c - 1] = sum(xs) / len(xs)
             elif pool == "max":
                 out[b, c - 1] = max(xs)
+            elif pool == "topk":  # the mean of the ceil(k * n) largest
+                top = sorted(xs, reverse=True)[: math.ceil(k * len(xs))]
+                out[b, c - 1] = sum(top) / len(top)
             else:
                 out[b, c - 1] = math.log(sum(math.exp(r * x) for x in xs) / len(xs)) / r
     return out
 
 
-@pytest.mark.parametrize("pool", ["lse", "avg", "max"])
+@pytest.mark.parametrize("pool", ["lse", "avg", "max", "topk"])
 def test_pooled_bce_against_loops(pool):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64) * 2
@@ -150,11 +153,21 @@ def test_pooled_bce_against_loops(pool):
     labels = torch.tensor([[1, 1, 0, 1], [1, 0, 1, 0]], dtype=torch.float64)
     valid = torch.ones(2, 3, 5, dtype=torch.bool)
     valid[1, :, 3:] = False
-    ref = loop_pool(p.numpy(), pool, 4.0, valid.numpy())
-    assert pooled_scores(p, pool, 4.0, valid).numpy() == pytest.approx(ref, abs=1e-12)
+    ref = loop_pool(p.numpy(), pool, 4.0, valid.numpy(), k=0.25)  # image 0: top 4 of 15 pixels, image 1: 3 of 9
+    assert pooled_scores(p, pool, 4.0, valid, k=0.25).numpy() == pytest.approx(ref, abs=1e-12)
     y = labels[:, 1:].numpy()
     bce = -np.mean(y * np.log(ref) + (1 - y) * np.log(1 - ref))
-    assert float(image_level_loss(p, labels, pool, 4.0, valid)) == pytest.approx(bce, abs=1e-10)
+    assert float(image_level_loss(p, labels, pool, 4.0, valid, k=0.25)) == pytest.approx(bce, abs=1e-10)
+
+
+def test_topk_pooling_asks_for_the_objects_area_and_no_more():
+    # a class on 10 % of the pixels at p = 1 scores 1 with k = 0.1 (no pull to grow), 0.5 with k = 0.2
+    p = torch.zeros(1, 2, 10, 10)
+    p[0, 0] = 1.0
+    p[0, 1, :1], p[0, 0, :1] = 1.0, 0.0  # one row of ten pixels: 10 %
+    assert float(pooled_scores(p, "topk", k=0.1)) == pytest.approx(1.0)
+    assert float(pooled_scores(p, "topk", k=0.2)) == pytest.approx(0.5)
+    assert float(pooled_scores(p, "topk", k=0.001)) == pytest.approx(1.0)  # at least one pixel
 
 
 def test_pooled_probabilities_pull_on_the_background_logit():

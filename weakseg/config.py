@@ -114,7 +114,8 @@ class LossConfig:
     # beyond the paper (weakseg.losses.image_level): BCE of the image labels against softmax probabilities
     # pooled over the pixels, so object classes compete with background pixel by pixel
     cls_weight: float = 0.0  # weight of the image-level loss added to eq. 18 (0: off)
-    cls_pool: Literal["lse", "avg", "max"] = "lse"  # log-sum-exp (sharpness cls_lse_r), average or max pooling
+    # log-sum-exp (sharpness cls_lse_r), average, max, or the mean of the top object_fraction of the pixels
+    cls_pool: Literal["lse", "avg", "max", "topk"] = "lse"
     cls_lse_r: float = 5.0
     cls_only_iters: int = 0  # first train the image-level loss alone, for at most this many iterations
     cls_switch_auc: float = 0.0  # ... switching earlier at the first evaluation with val image AUC >= this (0: off)
@@ -135,6 +136,9 @@ class OptimConfig:
     """Paper §5.3: SGD, batch 20, momentum 0.9, wd 5e-5, lr 1e-3/1e-2, halved every 4000 of 40000."""
 
     batch_size: int = 20
+    # sgd: the paper's. adamw (beyond the paper): for a backbone trained from random init, where SGD learns
+    # image classification from image labels too slowly (results/difficulty.md); momentum is then AdamW's beta1
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-5
     lr_pretrained: float = 1e-3

@@ -221,19 +221,17 @@ class TrainState:
         return float(self.history[-1].get("val/miou", math.nan)) if self.history else math.nan
 
 
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
-    """SGD with the paper's two learning rates: 1e-3 for pretrained layers, 1e-2 for new ones."""
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """The paper's two learning rates (1e-3 pretrained layers, 1e-2 new ones) with SGD, or AdamW."""
     o = cfg.optim
     groups = unwrap(model).param_groups()  # type: ignore[operator]
-    return torch.optim.SGD(
-        [
-            {"params": groups["pretrained"], "lr": o.lr_pretrained, "name": "pretrained"},
-            {"params": groups["new"], "lr": o.lr_new, "name": "new"},
-        ],
-        lr=o.lr_new,
-        momentum=o.momentum,
-        weight_decay=o.weight_decay,
-    )
+    params = [
+        {"params": groups["pretrained"], "lr": o.lr_pretrained, "name": "pretrained"},
+        {"params": groups["new"], "lr": o.lr_new, "name": "new"},
+    ]
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr_new, betas=(o.momentum, 0.999), weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr_new, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.StepLR:
@@ -481,6 +479,10 @@ def _restore(state: TrainState, path: Path, device: torch.device) -> None:
     load_weights(state.model, ck, path)
     if ck.get("optimizer") is None or ck.get("scheduler") is None:
         raise UserError(f"checkpoint {path} has no optimizer state: it can be evaluated but not resumed")
+    saved = (ck.get("config") or {}).get("optim", {}).get("optimizer", "sgd")  # format 2 before the key: SGD
+    if saved != type(state.optimizer).__name__.lower():
+        raise UserError(f"checkpoint {path} was trained with optim.optimizer={saved}: resume it with the same "
+                        f"optimizer (--set optim.optimizer={saved}), or start a new run")
     state.optimizer.load_state_dict(ck["optimizer"])
     state.scheduler.load_state_dict(ck["scheduler"])
     if ck.get("scaler") is not None and state.scaler.is_enabled():
