@@ -14,10 +14,11 @@ from mlflow import MlflowClient
 
 from weakseg.config import load_config
 from weakseg.errors import UserError
-from weakseg.search import callbacks, tracking
+from weakseg.search import callbacks
+from weakseg.tracking import runs as tracking
 from weakseg.search.callbacks import MlflowCallback
 from weakseg.search.lifecycle import SearchLock, check_owner
-from weakseg.search.tracking import SearchRun
+from weakseg.tracking.runs import SearchRun
 
 
 def dead_pid() -> int:

@@ -30,8 +30,8 @@ from ray.tune import Callback
 
 from weakseg.config import build_config, mapping_settings
 from weakseg.report import EVAL_FILES
-from weakseg.search.tracking import (TAG_ABSENT, SearchRun, _client, _log_files, _log_metrics, _log_params,
-                                     absent_classes, log_dataset, retry, summary_metrics, tag_collapsed)
+from weakseg.tracking.runs import (TAG_ABSENT, SearchRun, _client, _log_files, _log_metrics, _log_params,
+                                   absent_classes, log_dataset, retry, summary_metrics, tag_collapsed)
 from weakseg.search.trial import TRAIN_LOG_FILE
 
 

@@ -1,5 +1,5 @@
 """All of weakseg's MLflow calls: one experiment per search, a parent run per search, a child run per trial
-(logging and loading models: `weakseg.search.models`).
+(logging and loading models: `weakseg.tracking.models`).
 
 Every MLflow call of a search happens on the driver, in a Ray Tune callback
 (`weakseg.search.callbacks.MlflowCallback`): trials report to Tune only, with their metrics and a
@@ -392,7 +392,7 @@ class SearchRun:
     def log_model(self, trial_id: str, checkpoint: Path, location: str, register_as: str) -> str:
         """Log the selected trial's checkpoint as the model of its run, register it as `register_as`
         (tagged with the search, its parent run and the trial) and note it on the parent run."""
-        from weakseg.search.models import log_checkpoint_model
+        from weakseg.tracking.models import log_checkpoint_model
 
         run = self.children()[trial_id]
         tags = {TAG_SEARCH: self.search_key, "weakseg.search_run_id": self.run_id, TAG_TRIAL: trial_id,
@@ -525,7 +525,7 @@ class TrainRunReporter:
         status = "FINISHED" if error is None else ("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         last = self.run_dir / "checkpoints" / "last.pt"
         if error is None and last.is_file():  # the run's model: its last checkpoint, as a search selects
-            from weakseg.search.models import log_checkpoint_model
+            from weakseg.tracking.models import log_checkpoint_model
 
             uri = log_checkpoint_model(self.uri, self.run_id, last)
             print(f"MLflow: model {uri}", flush=True)
