@@ -1,11 +1,11 @@
-"""The MLflow bookkeeping of `weakseg.tracking.runs`, on a local SQLite store (no Ray)."""
+"""The MLflow bookkeeping of `weakseg.tracking` and `weakseg.search.tracking`, on a local SQLite store (no Ray)."""
 
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 from weakseg.compat import mlflow_tracking_uri
-from weakseg.tracking.runs import SearchRun
+from weakseg.search.tracking import SearchRun
 
 
 def test_restart_closes_what_a_killed_search_left_running_and_drops_dead_checkpoint_tags(tmp_path: Path):

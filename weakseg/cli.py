@@ -158,7 +158,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(files[CLASSES_MD].read_text(), end="")
     uri = args.tracking_uri or cfg.tracking.uri
     if uri:
-        from weakseg.tracking.runs import log_evaluation, quiet_mlflow
+        from weakseg.tracking.client import quiet_mlflow
+        from weakseg.tracking.runs import log_evaluation
 
         params = {**cfg.flat(), "checkpoint": args.checkpoint if args.checkpoint.startswith(MODELS)
                   else str(ckpt.resolve()), "split": args.split, "crf": bool(crf)}
@@ -179,7 +180,7 @@ def _model_checkpoint(source: str, tracking_uri: str | None) -> Path | None:
     if not source.startswith(MODELS):
         return None
     from weakseg.tracking.models import checkpoint_of_model
-    from weakseg.tracking.runs import quiet_mlflow
+    from weakseg.tracking.client import quiet_mlflow
 
     with quiet_mlflow():
         return checkpoint_of_model(source, tracking_uri)
