@@ -530,7 +530,9 @@ def _settings_params(space: SearchSpace) -> dict[str, Any]:
     for k, v in dataclasses.asdict(space.settings).items():
         if k == "pseudo_labels" and v is None:
             continue  # unset: recorded as before it existed, so older searches resume unchanged
-        if isinstance(v, dict):
+        if k == "mlflow":
+            out.update(v)  # settings.tracking_uri, ...: recorded as before settings.mlflow was a dataclass
+        elif isinstance(v, dict):
             out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
         else:
             out[k] = v
