@@ -128,3 +128,46 @@ def test_scientific_notation_without_a_dot_is_a_number():
     assert cfg.optim.lr_new == 0.001 and cfg.optim.iterations == 2000
     with pytest.raises(UserError, match="optim.lr_new: expected a number, got 'fast'"):
         load_config("demo", ["optim.lr_new=fast"])
+
+
+def test_a_dataclass_block_is_typed_strictly_with_ranges_and_file_lines():
+    """coerce_dataclass (a search space's settings): nested and optional sections, declared ranges, no conversions."""
+    from dataclasses import dataclass, field
+
+    from weakseg.config import ConfigError, coerce_dataclass, within
+
+    @dataclass(frozen=True)
+    class Inner:
+        rate: float = 0.5
+
+    @dataclass(frozen=True)
+    class Block:
+        count: int = field(default=1, metadata=within(1, 10))
+        name: str | None = None
+        inner: Inner = Inner()
+        extra: Inner | None = None
+
+    def at(key: str) -> str:
+        return f"f.yaml:{len(key)}"  # a line per key, so the test sees which key's line was asked for
+
+    assert coerce_dataclass(Block, {}, "b", at) == Block()
+    got = coerce_dataclass(Block, {"count": 10, "inner": {"rate": 2}, "extra": None}, "b", at)
+    assert got == Block(count=10, inner=Inner(2.0)) and isinstance(got.inner.rate, float)
+    assert coerce_dataclass(Block, {"extra": {}}, "b", at).extra == Inner()
+    for raw, message in [
+        ({"count": 11}, "f.yaml:7: b.count: expected an integer in [1, 10], got 11"),
+        ({"count": 2.0}, "f.yaml:7: b.count: expected an integer in [1, 10], got 2.0"),
+        ({"count": "3"}, "f.yaml:7: b.count: expected an integer in [1, 10], got '3'"),
+        ({"count": True}, "f.yaml:7: b.count: expected an integer in [1, 10], got True"),
+        ({"name": 5}, "f.yaml:6: b.name: expected a string, got 5"),
+        ({"inner": {"rate": "1e-3"}}, "f.yaml:12: b.inner.rate: expected a number, got '1e-3'"),
+        ({"inner": {"rate": float("nan")}}, "f.yaml:12: b.inner.rate: expected a finite number, got nan"),
+        ({"inner": None}, "f.yaml:7: b.inner: expected a mapping with keys rate, got None"),
+        ({"inner": {"rat": 1}}, "f.yaml:11: b.inner.rat: unknown key (did you mean 'rate'?); allowed: rate"),
+        ({"cont": 1}, "f.yaml:6: b.cont: unknown key (did you mean 'count'?); allowed: count, name, inner, extra"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            coerce_dataclass(Block, raw, "b", at)
+        assert str(e.value) == message
+    # a config's coercion is not strict: --set and YAML 1.1 hand over numbers as strings
+    assert load_config("demo", ["optim.iterations=4.0", "optim.lr_new=1e-3"]).optim.iterations == 4

@@ -18,6 +18,7 @@ from weakseg.search import callbacks, tracking
 from weakseg.search.callbacks import MlflowCallback
 from weakseg.search.lifecycle import SearchLock, check_owner
 from weakseg.search.tracking import SearchRun
+from weakseg.tracking import client as tracking_client
 
 
 def dead_pid() -> int:
@@ -91,11 +92,11 @@ def test_a_tracking_outage_is_buffered_reported_after_the_bound_and_sent_once(tm
     (tmp_path / "space.yaml").write_text("name: s\n")
     search = SearchRun(uri, "exp", "/ray/s")
     search.start(False, {}, tmp_path / "space.yaml", "0")
-    real, down, clock = tracking._client, [False], [0.0]
+    real, down, clock = tracking_client.mlflow_client, [False], [0.0]
     fake = lambda u: Down() if down[0] else real(u)  # noqa: E731
-    monkeypatch.setattr(tracking, "_client", fake)
-    monkeypatch.setattr(callbacks, "_client", fake)
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)  # `retry` backs off for seconds otherwise
+    monkeypatch.setattr(tracking, "mlflow_client", fake)
+    monkeypatch.setattr(callbacks, "mlflow_client", fake)
+    monkeypatch.setattr(tracking_client.time, "sleep", lambda s: None)  # `retry` backs off for seconds otherwise
     monkeypatch.setattr(callbacks, "time", SimpleNamespace(monotonic=lambda: clock[0], sleep=lambda s: None))
     cb = MlflowCallback(search, load_config("demo").flat(), full_iterations=4)
     trial = SimpleNamespace(trial_id="t1", config={"loss.lam": 0.5}, last_result={"iteration": 4})

@@ -117,8 +117,9 @@ def test_search_space_with_pseudo_labels_trains_every_trial_on_them(weak_ckpt, s
 
 @pytest.mark.parametrize("old,new,pattern", [
     ("threshold: 0.5", "threshold: 1.5", r"space.yaml:9: settings.pseudo_labels.threshold: must be a number in \[0, 1\)"),
-    ("crf: false", "crf: maybe", r"space.yaml:9: settings.pseudo_labels.crf: must be true or false"),
-    ("crf: false", "crff: false", r"space.yaml:9: settings.pseudo_labels.crff: unknown option \(did you mean 'crf'"),
+    ("crf: false", "crf: maybe", r"space.yaml:9: settings.pseudo_labels.crf: expected true or false, got 'maybe'"),
+    ("crf: false", "crff: false",
+     r"space.yaml:9: settings.pseudo_labels.crff: unknown key \(did you mean 'crf'\?\); allowed: checkpoint, threshold, crf"),
     ("CKPT", "/nonexistent/x.pt", r"space.yaml:9: settings.pseudo_labels.checkpoint: no such file"),
     ("{checkpoint: CKPT, ", "{", r"space.yaml:9: settings.pseudo_labels.checkpoint: required: the weak model's"),
     ("  data.root:", "  supervision: full\n  data.root:", r"space.yaml:4: fixed.supervision: is set by settings.pseudo_labels"),

@@ -92,12 +92,13 @@ def test_conditional_parameters_follow_when(tmp_path: Path):
         ("  loss.w2: {uniform: [0, 10], when: {loss.variant: [exp, mean]}}",
          "  loss.w2: {uniform: [0, 10], when: {loss.varaint: [exp]}}",
          r"params.loss.w2.when.loss.varaint: must name a parameter listed above"),
-        ("  samples: 3", "  samples: 0", r"space.yaml:12: settings.samples: must be an integer >= 1"),
-        ("  samples: 3", "  sample: 3", r"settings.sample: unknown setting \(did you mean 'samples'\?\)"),
+        ("  samples: 3", "  samples: 0", r"space.yaml:12: settings.samples: expected an integer >= 1, got 0"),
+        ("  samples: 3", "  sample: 3",
+         r"space.yaml:12: settings.sample: unknown key \(did you mean 'samples'\?\); allowed: sampler, samples,"),
         ("  resources: {cpu: 1, gpu: 0.5}", "  resources: {cpu: 1, gpu: 1.5}",
          r"settings.resources.gpu: must be 0, a fraction"),
         ("  resources: {cpu: 1, gpu: 0.5}", "  resources: {cpu: 1, gpus: 1}",
-         r"settings.resources.gpus: unknown resource"),
+         r"space.yaml:14: settings.resources.gpus: unknown key \(did you mean 'gpu'\?\); allowed: cpu, gpu"),
         ("  scheduler: {type: asha, grace: 100, max_t: 400}", "  scheduler: {type: asha, grace: 500, max_t: 400}",
          r"settings.scheduler.grace: must lie in \(0, max_t=400\)"),
         ("  scheduler: {type: asha, grace: 100, max_t: 400}", "  scheduler: {type: asha, grace: 100, max_t: 99999}",
@@ -108,12 +109,47 @@ def test_conditional_parameters_follow_when(tmp_path: Path):
         ("name: t", "name: t\nextra: 1", r"space.yaml:2: extra: unknown key"),
         ("settings:", "settings:\n  metric: val/accuracy", r"settings.metric: must be one of"),
         ("settings:", "settings:\n  mlflow: {register_as: 'a/b'}", r"settings.mlflow.register_as: must be a model name"),
+        # types and declared ranges, checked as a config's are (config._coerce), but strictly: what YAML parsed
+        ("  samples: 3", "  samples: 2.5", r"space.yaml:12: settings.samples: expected an integer >= 1, got 2.5"),
+        ("  samples: 3", "  samples: '3'", r"space.yaml:12: settings.samples: expected an integer >= 1, got '3'"),
+        ("settings:", "settings:\n  seed: -1",
+         r"space.yaml:12: settings.seed: expected an integer in \[0, 4294967295\], got -1"),
+        ("  resources: {cpu: 1, gpu: 0.5}", "  resources: {cpu: .inf, gpu: 0.5}",
+         r"space.yaml:14: settings.resources.cpu: expected a finite number, got inf"),
+        ("  scheduler: {type: asha, grace: 100, max_t: 400}", "  scheduler: {type: asha, max_t: 400}",
+         r"space.yaml:13: settings.scheduler.grace: required: an integer >= 1"),
+        ("  scheduler: {type: asha, grace: 100, max_t: 400}", "  scheduler: {type: fifo, grace: 100, max_t: 400}",
+         r"space.yaml:13: settings.scheduler.type: expected one of 'asha', 'none', got 'fifo'"),
+        ("settings:", "settings:\n  mlflow: {tracking_uri: 5}",
+         r"space.yaml:12: settings.mlflow.tracking_uri: expected a string, got 5"),
+        ("settings:", "settings:\n  mlflow: [a]",
+         r"space.yaml:12: settings.mlflow: expected a mapping with keys tracking_uri, experiment, register_as, got \['a'\]"),
     ],
 )
 def test_bad_spaces_name_line_and_key(tmp_path: Path, old: str, new: str, pattern: str):
     assert old in GOOD
     with pytest.raises(UserError, match=pattern):
         load_space(write(tmp_path, GOOD.replace(old, new, 1)))
+
+
+def test_settings_shorthands_and_what_a_search_records(tmp_path: Path):
+    """`scheduler: none` (or {type: none}, its options ignored), an empty `mlflow:` and the defaults parse as
+    before; the settings are recorded (MLflow params, the space record) under these keys."""
+    from weakseg.search.run import _settings_params
+
+    for sched in ("none", "{type: none, grace: x}", "null"):
+        text = GOOD.replace("  scheduler: {type: asha, grace: 100, max_t: 400}", f"  scheduler: {sched}\n  mlflow:")
+        assert load_space(write(tmp_path, text)).settings.scheduler.type == "none"
+    text = GOOD.replace("settings:\n", "settings:\n  mlflow: {tracking_uri: mlruns.db, experiment: e}\n")
+    space = load_space(write(tmp_path, text), {"samples": 5})
+    recorded = _settings_params(space)
+    assert list(recorded) == [
+        "sampler", "samples", "metric", "mode", "scheduler.type", "scheduler.grace", "scheduler.max_t",
+        "scheduler.reduction_factor", "max_concurrent", "resources.cpu", "resources.gpu", "max_failures", "seed",
+        "storage_path", "results_dir", "tracking_uri", "experiment", "register_as"]
+    assert recorded["tracking_uri"] == str(tmp_path / "spaces" / "mlruns.db") == space.tracking_uri
+    assert (recorded["samples"], recorded["experiment"], recorded["register_as"]) == (5, "e", None)
+    assert (recorded["resources.gpu"], recorded["scheduler.max_t"], recorded["seed"]) == (0.5, 400, 0)
 
 
 def test_malformed_yaml_and_missing_file(tmp_path: Path):

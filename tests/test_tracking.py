@@ -1,4 +1,4 @@
-"""The MLflow bookkeeping of `weakseg.search.tracking`, on a local SQLite store (no Ray)."""
+"""The MLflow bookkeeping of `weakseg.tracking` and `weakseg.search.tracking`, on a local SQLite store (no Ray)."""
 
 from pathlib import Path
 
@@ -37,7 +37,7 @@ def test_restart_closes_what_a_killed_search_left_running_and_drops_dead_checkpo
 
 def test_a_resumed_training_run_reattaches_unless_its_mlflow_run_was_deleted(tmp_path: Path):
     from weakseg.config import load_config
-    from weakseg.search.tracking import TrainRunReporter
+    from weakseg.tracking.runs import TrainRunReporter
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config("demo", [f"tracking.uri={uri}", "tracking.experiment=e"])

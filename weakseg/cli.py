@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or another --out")
     reporter = ConsoleReporter()
     if cfg.tracking.uri or cfg.tracking.experiment:
-        from weakseg.search.tracking import TrainRunReporter
+        from weakseg.tracking.runs import TrainRunReporter
 
         reporter = TrainRunReporter(cfg, run_dir, inner=reporter, resume=args.resume)
     print(f"weakseg train: {cfg.name} -> {run_dir}", flush=True)
@@ -158,7 +158,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(files[CLASSES_MD].read_text(), end="")
     uri = args.tracking_uri or cfg.tracking.uri
     if uri:
-        from weakseg.search.tracking import log_evaluation, quiet_mlflow
+        from weakseg.tracking.client import quiet_mlflow
+        from weakseg.tracking.runs import log_evaluation
 
         params = {**cfg.flat(), "checkpoint": args.checkpoint if args.checkpoint.startswith(MODELS)
                   else str(ckpt.resolve()), "split": args.split, "crf": bool(crf)}
@@ -178,8 +179,8 @@ def _model_checkpoint(source: str, tracking_uri: str | None) -> Path | None:
     """The checkpoint inside an MLflow model (models:/NAME/VERSION, models:/NAME@ALIAS); None for other sources."""
     if not source.startswith(MODELS):
         return None
-    from weakseg.search.models import checkpoint_of_model
-    from weakseg.search.tracking import quiet_mlflow
+    from weakseg.tracking.models import checkpoint_of_model
+    from weakseg.tracking.client import quiet_mlflow
 
     with quiet_mlflow():
         return checkpoint_of_model(source, tracking_uri)
@@ -286,7 +287,7 @@ def cmd_export_voc(args: argparse.Namespace) -> int:
 
         location = best_of_search(Path(args.best), allow_incomplete=args.allow_incomplete)
     else:
-        from weakseg.search.tracking import checkpoint_of_run
+        from weakseg.tracking.runs import checkpoint_of_run
 
         if not args.tracking_uri:
             raise UserError("--mlflow-run needs --tracking-uri (e.g. sqlite:///results/mlflow.db or http://host:5000)")

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -403,9 +404,7 @@ def build_config(settings: Mapping[str, Setting]) -> Config:
     values: dict[str, Any] = {}
     for key, s in settings.items():
         if key not in keys:
-            hint = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
-            more = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"{s.origin}: unknown key {key!r}{more}")
+            raise ConfigError(f"{s.origin}: unknown key {key!r}{did_you_mean(key, keys)}")
         tp, f = keys[key]
         value = _coerce(key, s.value, tp, s.origin)
         if value is not None and f.metadata.get("path"):
@@ -426,16 +425,41 @@ def _resolve_path(value: str, base_dir: Path | None) -> str:
     return str(p.resolve()) if p.is_absolute() else str(p)
 
 
-def _coerce(key: str, value: Any, tp: Any, origin: str) -> Any:
+def did_you_mean(key: str, options) -> str:
+    """" (did you mean 'x'?)" for the option closest to a misspelt key, else ""."""
+    hint = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def within(low: float, high: float | None = None) -> dict[str, Any]:
+    """Field metadata of a number's inclusive range, checked (and named in errors) by `coerce_dataclass`."""
+    return {"within": (low, high)}
+
+
+def _coerce(key: str, value: Any, tp: Any, origin: str, strict: bool = False,
+            bounds: tuple[float, float | None] | None = None) -> Any:
+    """`value` as type `tp` (a number within `bounds`), or a ConfigError `origin: key: expected ..., got ...`.
+
+    strict (a search space's settings): the value must already have the type, as YAML parsed it: no
+    numeric strings, no integer-valued floats for integers, no numbers for strings, no NaN or infinity.
+    Otherwise (configs and `--set`) those are converted: YAML 1.1 reads 1e-3 as a string."""
+    low, high = bounds or (None, None)
+    span = "" if bounds is None else f" >= {low}" if high is None else f" in [{low}, {high}]"
+
     def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{origin}: {key}: expected {expected}, got {value!r}")
+        return ConfigError(f"{origin}: {key}: expected {expected}{span}, got {value!r}")
+
+    def checked(number: float, expected: str) -> Any:
+        if bounds is not None and not (number >= low and (high is None or number <= high)):
+            raise bad(expected)
+        return number
 
     origin_t = get_origin(tp)
     if origin_t in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(key, value, args[0], origin)
+        return _coerce(key, value, args[0], origin, strict, bounds)
     if origin_t is Literal:
         allowed = get_args(tp)
         if isinstance(value, bool) and {"on", "off"} <= set(allowed):
@@ -443,7 +467,7 @@ def _coerce(key: str, value: Any, tp: Any, origin: str) -> Any:
         if value not in allowed:
             raise bad("one of " + ", ".join(repr(a) for a in allowed))
         return value
-    if isinstance(value, str) and tp in (int, float):
+    if isinstance(value, str) and tp in (int, float) and not strict:
         try:  # YAML 1.1 reads 1e-3 (no dot) as a string; users write it that way
             value = float(value)
         except ValueError:
@@ -453,20 +477,52 @@ def _coerce(key: str, value: Any, tp: Any, origin: str) -> Any:
             raise bad("true or false")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, int if strict else (int, float)):
             raise bad("an integer")
         if isinstance(value, float) and not value.is_integer():
             raise bad("an integer")
-        return int(value)
+        return checked(int(value), "an integer")
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        return float(value)
+        if strict and not math.isfinite(value):
+            raise bad("a finite number")
+        return checked(float(value), "a number")
     if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
+        if isinstance(value, (dict, list)) or value is None or (strict and not isinstance(value, str)):
             raise bad("a string")
         return str(value)
     raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+D = TypeVar("D")
+
+
+def coerce_dataclass(cls: type[D], raw: Any, key: str, at: Callable[[str], str]) -> D:
+    """The frozen dataclass `cls` from the YAML mapping `raw` found at dotted `key` (a search space's
+    settings): each value strictly typed by `_coerce`, nested dataclasses in turn, absent keys at their
+    defaults. An unknown key, a wrong type or a number outside its field's `within` range is a ConfigError
+    `FILE:LINE: key: problem`; `at(key)` gives the FILE:LINE of a key. Other checks are the caller's, as
+    `_validate` checks a Config's."""
+    names = [f.name for f in fields(cls)]
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{at(key)}: {key}: expected a mapping with keys {', '.join(names)}, got {raw!r}")
+    for k in raw:
+        if k not in names:
+            raise ConfigError(f"{at(f'{key}.{k}')}: {key}.{k}: unknown key{did_you_mean(str(k), names)}; "
+                              f"allowed: {', '.join(names)}")
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in (f for f in fields(cls) if f.name in raw):
+        name = f.name
+        sub, tp, value = f"{key}.{name}", hints[name], raw[name]
+        inner = [a for a in (get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+        if inner:  # a section, or an optional one (X | None)
+            none_ok = value is None and type(None) in get_args(tp)
+            values[name] = None if none_ok else coerce_dataclass(inner[0], value, sub, at)
+        else:
+            values[name] = _coerce(sub, value, tp, at(sub), strict=True, bounds=f.metadata.get("within"))
+    return cls(**values)
 
 
 class _Invalid(Exception):

@@ -30,9 +30,10 @@ from ray.tune import Callback
 
 from weakseg.config import build_config, mapping_settings
 from weakseg.report import EVAL_FILES
-from weakseg.search.tracking import (TAG_ABSENT, SearchRun, _client, _log_files, _log_metrics, _log_params,
-                                     absent_classes, log_dataset, retry, summary_metrics, tag_collapsed)
+from weakseg.search.tracking import SearchRun
 from weakseg.search.trial import TRAIN_LOG_FILE
+from weakseg.tracking.client import log_files, log_metrics, log_params, mlflow_client, retry
+from weakseg.tracking.runs import TAG_ABSENT, absent_classes, log_dataset, summary_metrics, tag_collapsed
 
 
 class MlflowCallback(Callback):
@@ -119,7 +120,7 @@ class MlflowCallback(Callback):
         last = self.last_steps[run_id]
         fresh = {k: v for k, v in scalars.items() if step > last.get(k, -1)}
         if fresh:
-            _log_metrics(client, run_id, fresh, step)
+            log_metrics(client, run_id, fresh, step)
             last.update({k: step for k in fresh})
 
     def run_of(self, trial) -> str:
@@ -132,11 +133,11 @@ class MlflowCallback(Callback):
 
     def _trial_started(self, trial) -> None:
         run_id = self.run_of(trial)
-        client = _client(self.search.uri)
+        client = mlflow_client(self.search.uri)
         retry(lambda: client.update_run(run_id, status="RUNNING"), "reopening a trial run")
         sampled = dict(trial.config)
         cfg = build_config(mapping_settings({**self.base_values, **sampled}, "trial", None))
-        _log_params(client, run_id, {**cfg.flat(), "trial_id": trial.trial_id,
+        log_params(client, run_id, {**cfg.flat(), "trial_id": trial.trial_id,
                                      **{f"sampled/{k}": v for k, v in sampled.items()}})
         key = tuple(sorted(dataclasses.asdict(cfg.data).items()))
         if key not in self.data:
@@ -155,7 +156,7 @@ class MlflowCallback(Callback):
         self.send(f"logging trial {trial.trial_id}", lambda: self._log_result(trial, scalars, step))
 
     def _log_result(self, trial, scalars: Mapping[str, float], step: int) -> None:
-        client, run_id = _client(self.search.uri), self.run_of(trial)
+        client, run_id = mlflow_client(self.search.uri), self.run_of(trial)
         logged = retry(lambda: client.get_run(run_id), "reading a trial run").data.metrics
         self.log_new_metrics(client, run_id, {**scalars, **summary_metrics(scalars, logged)}, step)
         retry(lambda: client.set_tag(run_id, TAG_ABSENT, absent_classes(scalars)), "tagging a trial run")
@@ -166,7 +167,7 @@ class MlflowCallback(Callback):
 
     def _checkpointed(self, trial, checkpoint) -> None:
         run_id = self.run_of(trial)
-        client = _client(self.search.uri)
+        client = mlflow_client(self.search.uri)
         with tempfile.TemporaryDirectory(prefix="weakseg-mlflow-") as tmp:
             names = [TRAIN_LOG_FILE, "config.yaml"] + [f"eval/{n}" for n in EVAL_FILES]
             got = fetch_files(checkpoint, names, Path(tmp))
@@ -176,9 +177,9 @@ class MlflowCallback(Callback):
                     for row in csv.DictReader(f):
                         step = int(float(row.pop("iteration")))
                         self.log_new_metrics(client, run_id, {k: float(v) for k, v in row.items() if v}, step)
-            _log_files(client, run_id, {n: p for n, p in got.items() if n.startswith("eval/")}, "eval")
+            log_files(client, run_id, {n: p for n, p in got.items() if n.startswith("eval/")}, "eval")
             if "config.yaml" in got:
-                _log_files(client, run_id, {"config.yaml": got["config.yaml"]}, None)
+                log_files(client, run_id, {"config.yaml": got["config.yaml"]}, None)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}

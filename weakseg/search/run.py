@@ -233,7 +233,7 @@ def _run_search(space: SearchSpace, *, resume: bool, address: str | None, check:
                 apply_safe_changes: bool, lock: Any) -> SearchOutcome:
     """The search's phases: refuse or prepare, open the parent run, build the Tuner, run, summarise."""
     from weakseg.search.lifecycle import Interruption, write_space_record
-    from weakseg.search.tracking import quiet_mlflow
+    from weakseg.tracking.client import quiet_mlflow
 
     exp_path, previous, changes = _refuse_or_prepare(space, resume=resume, address=address, check=check,
                                                      restart=restart, apply_safe_changes=apply_safe_changes)
@@ -282,7 +282,7 @@ def _refuse_or_prepare(space: SearchSpace, *, resume: bool, address: str | None,
 
     from weakseg.data import build
     from weakseg.search import lifecycle
-    from weakseg.search.tracking import check_reachable
+    from weakseg.tracking.client import check_reachable
 
     s = space.settings
     exp_path = f"{s.storage_path.rstrip('/')}/{space.name}"
@@ -335,7 +335,8 @@ def _open_parent_run(space: SearchSpace, exp_path: str, *, previous: bool, resum
                      changes: dict) -> Any:
     """The search's MLflow parent run (a --restart first retires the previous search), and search.json."""
     from weakseg.data.fingerprint import fingerprint
-    from weakseg.search.tracking import SearchRun, quiet_mlflow
+    from weakseg.search.tracking import SearchRun
+    from weakseg.tracking.client import quiet_mlflow
 
     search_key = exp_path
     with quiet_mlflow():
@@ -447,7 +448,7 @@ def _abandon(space: SearchSpace, parent: Any, signal_name: str, lock: Any) -> No
     import contextlib
     import shlex
 
-    from weakseg.search.tracking import quiet_mlflow
+    from weakseg.tracking.client import quiet_mlflow
 
     with quiet_mlflow(), contextlib.suppress(Exception):
         for trial_id, run in parent.children().items():
@@ -529,7 +530,9 @@ def _settings_params(space: SearchSpace) -> dict[str, Any]:
     for k, v in dataclasses.asdict(space.settings).items():
         if k == "pseudo_labels" and v is None:
             continue  # unset: recorded as before it existed, so older searches resume unchanged
-        if isinstance(v, dict):
+        if k == "mlflow":
+            out.update(v)  # settings.tracking_uri, ...: recorded as before settings.mlflow was a dataclass
+        elif isinstance(v, dict):
             out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
         else:
             out[k] = v
@@ -540,7 +543,7 @@ def _finish(space: SearchSpace, parent: Any, grid: Any, seconds: float, interrup
             unfinished: set[str] = frozenset()) -> SearchOutcome:
     from weakseg.config import build_config, mapping_settings
     from weakseg.search.results import chosen_trial, rows_from_results, write_summary
-    from weakseg.search.tracking import quiet_mlflow
+    from weakseg.tracking.client import quiet_mlflow
 
     s = space.settings
     rows = rows_from_results(grid, s.metric, s.mode, space.full_iterations)

@@ -33,7 +33,9 @@
 
 Everything is checked before Ray starts: unknown keys, parameter names that are
 not training-config keys, bad bounds and types each stop the search with the
-file, line and key at fault. Relative paths are resolved against the file.
+file, line and key at fault. Relative paths are resolved against the file. The `settings:` and
+`export:` blocks are declared by the dataclasses below and typed by the code that types a training
+config (`weakseg.config.coerce_dataclass`), strictly: a value must already be what YAML parsed.
 Bounds that keep a broken or hostile file from taking the machine down: at most 1 MiB, 100 000 YAML
 nodes once aliases are expanded, no key repeated in a mapping (config.load_yaml), 1000 values per
 `choice`, seeds in [0, 2**32 - 1].
@@ -42,7 +44,6 @@ nodes once aliases are expanded, no key repeated in a mapping (config.load_yaml)
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -56,19 +57,18 @@ from weakseg.config import (
     Setting,
     build_config,
     choices,
+    coerce_dataclass,
+    did_you_mean,
     file_settings,
     flatten,
     load_yaml,
     resolve_config_path,
     schema,
+    within,
 )
 
 KINDS = ("uniform", "loguniform", "int", "choice")
 TOP_KEYS = ("name", "base", "fixed", "params", "settings", "export")
-SETTINGS_KEYS = (
-    "sampler", "samples", "metric", "mode", "scheduler", "max_concurrent", "resources", "max_failures", "seed",
-    "storage_path", "results_dir", "mlflow", "pseudo_labels",
-)
 PSEUDO_DIR = "pseudo_labels"  # under results_dir/<name>/: the second stage's labels
 METRICS = ("val/miou", "val/boundary_iou", "val/pixel_acc", "val/object_iou", "val/image_auc", "val/image_map")
 MAX_CHOICES = 1000  # values of one `choice` list: a search samples tens of trials, not millions
@@ -102,12 +102,16 @@ class Param:
         return s
 
 
+# The `settings:` and `export:` blocks, key for key: typed by config.coerce_dataclass, then resolved and
+# range-checked by _parse_settings (a Config's values go the same way: config._coerce, then config._validate).
+
+
 @dataclass(frozen=True)
 class Scheduler:
-    type: Literal["asha", "none"] = "none"
-    grace: int = 0  # training iterations before a trial can be stopped
-    max_t: int = 0  # training iterations of a full trial (default: optim.iterations)
-    reduction_factor: int = 2
+    type: Literal["asha", "none"] = "none"  # in the file, a mapping's type defaults to asha; `none` stands alone
+    grace: int = field(default=0, metadata=within(1))  # training iterations before a trial can be stopped
+    max_t: int = field(default=0, metadata=within(0))  # training iterations of a full trial (0: optim.iterations)
+    reduction_factor: int = field(default=2, metadata=within(2))
 
 
 @dataclass(frozen=True)
@@ -120,28 +124,39 @@ class Resources:
 class PseudoLabels:
     """A second stage: the trials train on label maps made from a weak model's checkpoint (weakseg.pseudo)."""
 
-    checkpoint: str  # absolute path of the weak model's .pt
+    checkpoint: str = ""  # required; absolute path of the weak model's .pt once parsed
     threshold: float = 0.8  # pixels whose refined winning probability is below it are ignored
     crf: bool = True  # refine with the dense CRF (its default parameters)
 
 
 @dataclass(frozen=True)
+class Mlflow:
+    tracking_uri: str | None = None  # default: sqlite in results_dir (SearchSpace.tracking_uri)
+    experiment: str | None = None  # default: the space's name
+    register_as: str | None = None  # the selected model's registry name (default: the space's name)
+
+
+@dataclass(frozen=True)
 class Settings:
     sampler: Literal["tpe", "grid"] = "tpe"  # grid: every combination of the `choice` parameters, once
-    samples: int = 8
+    samples: int = field(default=8, metadata=within(1))
     metric: str = "val/miou"
     mode: Literal["max", "min"] = "max"
     scheduler: Scheduler = Scheduler()
-    max_concurrent: int = 1
+    max_concurrent: int = field(default=1, metadata=within(1))
     resources: Resources = Resources()
-    max_failures: int = 1
-    seed: int = 0
-    storage_path: str = ""
-    results_dir: str = ""
-    tracking_uri: str | None = None
-    experiment: str | None = None
-    register_as: str | None = None
+    max_failures: int = field(default=1, metadata=within(0))  # retries of a crashed trial
+    seed: int = field(default=0, metadata=within(0, MAX_SEED))
+    storage_path: str = ""  # default results_dir/ray; both resolved against the file when parsed
+    results_dir: str = ""  # default ../results
+    mlflow: Mlflow = Mlflow()
     pseudo_labels: PseudoLabels | None = None
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Settings":
+        """The command line's --samples, --storage-path, --results-dir, --tracking-uri (an Mlflow field)."""
+        ml = {k: v for k, v in overrides.items() if k in Mlflow.__dataclass_fields__}
+        top = {k: v for k, v in overrides.items() if k not in ml}
+        return dataclasses.replace(self, **top, mlflow=dataclasses.replace(self.mlflow, **ml))
 
 
 @dataclass(frozen=True)
@@ -173,18 +188,18 @@ class SearchSpace:
     @property
     def tracking_uri(self) -> str:
         """The MLflow store: as configured, else sqlite under results/ (MLflow 3's default backend)."""
-        if self.settings.tracking_uri:
-            return self.settings.tracking_uri
+        if self.settings.mlflow.tracking_uri:
+            return self.settings.mlflow.tracking_uri
         return f"sqlite:///{Path(self.settings.results_dir) / 'mlflow.db'}"
 
     @property
     def experiment(self) -> str:
-        return self.settings.experiment or self.name
+        return self.settings.mlflow.experiment or self.name
 
     @property
     def register_as(self) -> str:
         """The Model Registry name the search's selected model is registered under."""
-        return self.settings.register_as or self.name
+        return self.settings.mlflow.register_as or self.name
 
     @property
     def full_iterations(self) -> int:
@@ -278,7 +293,7 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         raise ConfigError(f"{path}:1: a search space must be a mapping with keys {', '.join(TOP_KEYS)}")
     for k in data:
         if k not in TOP_KEYS:
-            raise loc.error(str(k), f"unknown key{_hint(str(k), TOP_KEYS)}; allowed: {', '.join(TOP_KEYS)}")
+            raise loc.error(str(k), f"unknown key{did_you_mean(str(k), TOP_KEYS)}; allowed: {', '.join(TOP_KEYS)}")
     name = data.get("name") or path.stem
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise loc.error("name", "must be letters, digits, '-' or '_' (it names folders and the MLflow experiment)")
@@ -297,7 +312,7 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     fixed: dict[str, Setting] = {}
     for k, v in flatten(fixed_raw).items():
         if k not in keys:
-            raise loc.error(f"fixed.{k}", f"not a training-config key{_hint(k, keys)}")
+            raise loc.error(f"fixed.{k}", f"not a training-config key{did_you_mean(k, keys)}")
         fixed[k] = Setting(v, loc.at(f"fixed.{k}"), path.parent)
 
     params_raw = data.get("params") or {}
@@ -340,7 +355,7 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         settings = dataclasses.replace(settings, scheduler=dataclasses.replace(sched, max_t=max_t))
     space = dataclasses.replace(space, settings=settings, base_config=base_cfg)
     if overrides:
-        space = dataclasses.replace(space, settings=dataclasses.replace(space.settings, **overrides))
+        space = dataclasses.replace(space, settings=space.settings.with_overrides(overrides))
     return space
 
 
@@ -356,11 +371,6 @@ def _pseudo_fixed(root: Path, fixed: Mapping[str, Setting], params: list[Param],
     return {"supervision": Setting("pseudo", origin, None), "data.pseudo_root": Setting(str(root), origin, None)}
 
 
-def _hint(key: str, options) -> str:
-    m = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {m[0]!r}?)" if m else ""
-
-
 def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -368,13 +378,13 @@ def _number(x: Any) -> bool:
 def _parse_param(key: str, spec: Any, loc: _Loc, keys: dict, earlier: list[str]) -> Param:
     where = f"params.{key}"
     if key not in keys:
-        raise loc.error(where, f"not a training-config key{_hint(key, keys)}")
+        raise loc.error(where, f"not a training-config key{did_you_mean(key, keys)}")
     if not isinstance(spec, dict):
         raise loc.error(where, "must be a mapping like {uniform: [low, high]} or {choice: [a, b]}")
     kinds = [k for k in spec if k in KINDS]
     unknown = [k for k in spec if k not in KINDS + ("step", "log", "when")]
     if unknown:
-        raise loc.error(f"{where}.{unknown[0]}", f"unknown option{_hint(str(unknown[0]), KINDS)}")
+        raise loc.error(f"{where}.{unknown[0]}", f"unknown option{did_you_mean(str(unknown[0]), KINDS)}")
     if len(kinds) != 1:
         raise loc.error(where, f"needs exactly one distribution of {', '.join(KINDS)}")
     kind = kinds[0]
@@ -450,97 +460,69 @@ def _parse_when(raw: Any, where: str, loc: _Loc, earlier: list[str]) -> tuple[tu
 
 
 def _parse_settings(raw: Any, loc: _Loc, path: Path) -> Settings:
+    """settings: typed key for key by the dataclasses above, then resolved against the file and range-checked."""
+    if isinstance(raw, dict):  # the file's shorthands: `mlflow:` empty, `scheduler: none`
+        raw = {**raw, "mlflow": raw.get("mlflow") or {}}
+        if "scheduler" in raw:
+            raw["scheduler"] = _scheduler_shape(raw["scheduler"], loc)
+    s = coerce_dataclass(Settings, raw, "settings", loc.at)
+    _check_settings(s, loc)
+    results_dir = _location(s.results_dir if "results_dir" in raw else "../results", "results_dir", loc, path)
+    storage_path = _location(s.storage_path if "storage_path" in raw else str(Path(results_dir) / "ray"),
+                             "storage_path", loc, path)
+    uri = s.mlflow.tracking_uri
+    if uri and "://" not in uri:  # a plain folder or file: resolve like the other paths
+        uri = str((path.parent / Path(uri).expanduser()).resolve())
+    return dataclasses.replace(s, results_dir=results_dir, storage_path=storage_path,
+                               mlflow=dataclasses.replace(s.mlflow, tracking_uri=uri),
+                               pseudo_labels=_pseudo_labels(s.pseudo_labels, loc, path))
+
+
+def _scheduler_shape(raw: Any, loc: _Loc) -> Any:
+    """settings.scheduler as written (none, or {type: asha, grace, max_t, reduction_factor}) to Scheduler's keys."""
+    if raw in (None, "none"):
+        return {"type": "none"}
+    if raw == "asha":
+        raise loc.error("settings.scheduler", "asha needs {type: asha, grace: N, max_t: N}")
     if not isinstance(raw, dict):
-        raise loc.error("settings", "must be a mapping")
-    for k in raw:
-        if k not in SETTINGS_KEYS:
-            raise loc.error(f"settings.{k}", f"unknown setting{_hint(str(k), SETTINGS_KEYS)}")
+        raise loc.error("settings.scheduler", "must be none or {type: asha, grace: N, max_t: N}")
+    if raw.get("type", "asha") == "none":  # {type: none}: the other options don't apply (unknown ones still fail)
+        return {**{k: v for k, v in raw.items() if k not in Scheduler.__dataclass_fields__}, "type": "none"}
+    return {"type": "asha", **raw}
 
-    def integer(k: str, default: int, minimum: int) -> int:
-        v = raw.get(k, default)
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise loc.error(f"settings.{k}", f"must be an integer >= {minimum} (got {v!r})")
-        return v
 
-    sampler = raw.get("sampler", "tpe")
-    if sampler not in ("tpe", "grid"):
-        raise loc.error("settings.sampler", f"must be tpe or grid (got {sampler!r})")
-    samples = integer("samples", 8, 1)
-    max_concurrent = integer("max_concurrent", 1, 1)
-    max_failures = integer("max_failures", 1, 0)
-    seed = integer("seed", 0, 0)
-    if seed > MAX_SEED:
-        raise loc.error("settings.seed", f"must lie in [0, {MAX_SEED}] (got {seed})")
-    metric = raw.get("metric", "val/miou")
-    if not isinstance(metric, str) or not (metric in METRICS or metric.startswith("val/iou/")):
-        raise loc.error("settings.metric", f"must be one of {', '.join(METRICS)} or val/iou/<class> (got {metric!r})")
-    if metric.startswith("val/iou/"):
+def _check_settings(s: Settings, loc: _Loc) -> None:
+    """What the types of Settings don't say: ranges, metric names, model names; each error names its key."""
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise loc.error(f"settings.{key}", message)
+
+    check(s.metric in METRICS or s.metric.startswith("val/iou/"), "metric",
+          f"must be one of {', '.join(METRICS)} or val/iou/<class> (got {s.metric!r})")
+    if s.metric.startswith("val/iou/"):
         from weakseg.data.classes import VOC_CLASSES
 
-        if metric[len("val/iou/"):] not in VOC_CLASSES:
-            raise loc.error("settings.metric", f"unknown class in {metric!r}")
-    mode = raw.get("mode", "max")
-    if mode not in ("max", "min"):
-        raise loc.error("settings.mode", f"must be max or min (got {mode!r})")
-
-    scheduler = _parse_scheduler(raw.get("scheduler", "none"), loc)
-    resources = _parse_resources(raw.get("resources", {}), loc)
-    results_dir = _location(raw, "results_dir", "../results", loc, path)
-    storage_path = _location(raw, "storage_path", str(Path(results_dir) / "ray"), loc, path)
-    uri, exp, register_as = _parse_mlflow(raw.get("mlflow") or {}, loc, path)
-    return Settings(
-        pseudo_labels=_parse_pseudo_labels(raw.get("pseudo_labels"), loc, path),
-        sampler=sampler, samples=samples, metric=metric, mode=mode, scheduler=scheduler, max_concurrent=max_concurrent,
-        resources=resources, max_failures=max_failures, seed=seed,
-        storage_path=storage_path, results_dir=results_dir, tracking_uri=uri, experiment=exp,
-        register_as=register_as,
-    )
+        check(s.metric[len("val/iou/"):] in VOC_CLASSES, "metric", f"unknown class in {s.metric!r}")
+    check(s.scheduler.type == "none" or s.scheduler.grace >= 1, "scheduler.grace", "required: an integer >= 1")
+    cpu, gpu = s.resources.cpu, s.resources.gpu
+    check(cpu > 0, "resources.cpu", f"must be a number > 0 (got {cpu!r})")
+    check(gpu >= 0 and (gpu <= 1 or gpu.is_integer()), "resources.gpu",
+          f"must be 0, a fraction in (0, 1], or a whole number (got {gpu!r})")
+    check(s.mlflow.tracking_uri != "", "mlflow.tracking_uri", "must be a URI (http://host:port, sqlite:///path, ...)")
+    register_as = s.mlflow.register_as
+    check(register_as is None or re.fullmatch(r"[A-Za-z0-9_.-]+", register_as) is not None, "mlflow.register_as",
+          "must be a model name of letters, digits, '.', '-' or '_'")
+    if s.pseudo_labels is not None:
+        threshold = s.pseudo_labels.threshold
+        check(s.pseudo_labels.checkpoint != "", "pseudo_labels.checkpoint",
+              "required: the weak model's checkpoint file (.pt)")
+        check(0 <= threshold < 1, "pseudo_labels.threshold", f"must be a number in [0, 1) (got {threshold!r})")
 
 
-def _parse_scheduler(sched_raw: Any, loc: _Loc) -> Scheduler:
-    """settings.scheduler: none, or {type: asha, grace, max_t, reduction_factor}."""
-    if sched_raw in (None, "none"):
-        return Scheduler()
-    if sched_raw == "asha":
-        raise loc.error("settings.scheduler", "asha needs {type: asha, grace: N, max_t: N}")
-    if not isinstance(sched_raw, dict):
-        raise loc.error("settings.scheduler", "must be none or {type: asha, grace: N, max_t: N}")
-    for k in sched_raw:
-        if k not in ("type", "grace", "max_t", "reduction_factor"):
-            raise loc.error(f"settings.scheduler.{k}", "unknown option (type, grace, max_t, reduction_factor)")
-    typ = sched_raw.get("type", "asha")
-    if typ not in ("asha", "none"):
-        raise loc.error("settings.scheduler.type", f"must be asha or none (got {typ!r})")
-    vals = {}
-    for k, lo in (("grace", 1), ("max_t", 0), ("reduction_factor", 2)):
-        if typ == "none":
-            break  # {type: none}: the other options don't apply
-        v = sched_raw.get(k, Scheduler.__dataclass_fields__[k].default)
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise loc.error(f"settings.scheduler.{k}", f"must be an integer >= {lo} (got {v!r})")
-        vals[k] = v
-    return Scheduler(typ, **vals) if typ == "asha" else Scheduler()
-
-
-def _parse_resources(res_raw: Any, loc: _Loc) -> Resources:
-    """settings.resources: {cpu, gpu} of one trial."""
-    if not isinstance(res_raw, dict):
-        raise loc.error("settings.resources", "must be a mapping like {cpu: 1, gpu: 1}")
-    for k in res_raw:
-        if k not in ("cpu", "gpu"):
-            raise loc.error(f"settings.resources.{k}", "unknown resource (cpu, gpu)")
-    cpu, gpu = res_raw.get("cpu", 1), res_raw.get("gpu", 0)
-    if not _number(cpu) or cpu <= 0:
-        raise loc.error("settings.resources.cpu", f"must be a number > 0 (got {cpu!r})")
-    if not _number(gpu) or gpu < 0 or (gpu > 1 and not float(gpu).is_integer()):
-        raise loc.error("settings.resources.gpu", f"must be 0, a fraction in (0, 1], or a whole number (got {gpu!r})")
-    return Resources(float(cpu), float(gpu))
-
-
-def _location(raw: Mapping[str, Any], k: str, default: str, loc: _Loc, path: Path) -> str:
+def _location(v: str, k: str, loc: _Loc, path: Path) -> str:
     """settings.results_dir / storage_path: a URI as written, a local path resolved against the space file."""
-    v = raw.get(k, default)
-    if not isinstance(v, str) or not v:
+    if not v:
         raise loc.error(f"settings.{k}", "must be a path or URI")
     if "://" in v:
         scheme = v.split("://", 1)[0]
@@ -553,68 +535,24 @@ def _location(raw: Mapping[str, Any], k: str, default: str, loc: _Loc, path: Pat
     return str((path.parent / p).resolve() if not p.is_absolute() else p)
 
 
-def _parse_mlflow(ml: Any, loc: _Loc, path: Path) -> tuple[str | None, str | None, str | None]:
-    """settings.mlflow: (tracking_uri, experiment, register_as)."""
-    if not isinstance(ml, dict):
-        raise loc.error("settings.mlflow", "must be a mapping {tracking_uri: ..., experiment: ..., register_as: ...}")
-    for k in ml:
-        if k not in ("tracking_uri", "experiment", "register_as"):
-            raise loc.error(f"settings.mlflow.{k}", "unknown option (tracking_uri, experiment, register_as)")
-    uri = ml.get("tracking_uri")
-    if uri is not None and (not isinstance(uri, str) or not uri):
-        raise loc.error("settings.mlflow.tracking_uri", "must be a URI (http://host:port, sqlite:///path, ...)")
-    if uri and "://" not in uri:  # a plain folder or file: resolve like the other paths
-        uri = str((path.parent / Path(uri).expanduser()).resolve())
-    exp = ml.get("experiment")
-    if exp is not None and not isinstance(exp, str):
-        raise loc.error("settings.mlflow.experiment", "must be a string")
-    register_as = ml.get("register_as")
-    if register_as is not None and not (isinstance(register_as, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", register_as)):
-        raise loc.error("settings.mlflow.register_as", "must be a model name of letters, digits, '.', '-' or '_'")
-    return uri, exp, register_as
-
-
-def _parse_pseudo_labels(raw: Any, loc: _Loc, path: Path) -> PseudoLabels | None:
-    where = "settings.pseudo_labels"
-    if raw is None:
+def _pseudo_labels(pl: PseudoLabels | None, loc: _Loc, path: Path) -> PseudoLabels | None:
+    """settings.pseudo_labels with its checkpoint resolved against the file, which must exist."""
+    if pl is None:
         return None
-    if not isinstance(raw, dict):
-        raise loc.error(where, "must be a mapping like {checkpoint: PATH, threshold: 0.8, crf: true}")
-    for k in raw:
-        if k not in ("checkpoint", "threshold", "crf"):
-            raise loc.error(f"{where}.{k}", f"unknown option{_hint(str(k), ('checkpoint', 'threshold', 'crf'))} "
-                                            "(checkpoint, threshold, crf)")
-    ck = raw.get("checkpoint")
-    if not isinstance(ck, str) or not ck:
-        raise loc.error(f"{where}.checkpoint", "required: the weak model's checkpoint file (.pt)")
-    ck_path = Path(ck).expanduser()
+    ck_path = Path(pl.checkpoint).expanduser()
     ck_path = (path.parent / ck_path).resolve() if not ck_path.is_absolute() else ck_path
     if not ck_path.is_file():
-        raise loc.error(f"{where}.checkpoint", f"no such file: {ck_path}")
-    threshold = raw.get("threshold", 0.8)
-    if not _number(threshold) or not 0 <= threshold < 1:
-        raise loc.error(f"{where}.threshold", f"must be a number in [0, 1) (got {threshold!r})")
-    crf = raw.get("crf", True)
-    if not isinstance(crf, bool):
-        raise loc.error(f"{where}.crf", f"must be true or false (got {crf!r})")
-    return PseudoLabels(str(ck_path), float(threshold), crf)
+        raise loc.error("settings.pseudo_labels.checkpoint", f"no such file: {ck_path}")
+    return dataclasses.replace(pl, checkpoint=str(ck_path))
 
 
 def _parse_export(raw: Any, loc: _Loc) -> Export | None:
     if raw is None:
         return None
-    if not isinstance(raw, dict):
-        raise loc.error("export", "must be a mapping like {split: test}")
-    for k in raw:
-        if k not in ("split", "crf"):
-            raise loc.error(f"export.{k}", "unknown option (split, crf)")
-    split = raw.get("split", "test")
-    if not isinstance(split, str) or not split:
+    export = coerce_dataclass(Export, raw, "export", loc.at)
+    if not export.split:
         raise loc.error("export.split", "must be a split name such as test")
-    crf = raw.get("crf", False)
-    if not isinstance(crf, bool):
-        raise loc.error("export.crf", "must be true or false")
-    return Export(split, crf)
+    return export
 
 
 def _check_configs(space: SearchSpace, loc: _Loc) -> Config:

@@ -21,7 +21,7 @@ from mlflow.pyfunc import PythonModel
 
 from weakseg.compat import mlflow_tracking_uri
 from weakseg.errors import UserError
-from weakseg.search.tracking import retry
+from weakseg.tracking.client import retry
 
 ARTIFACT = "checkpoint"  # the pyfunc artifact key (and file stem) of the weights-only checkpoint
 MODEL_NAME = "model"  # the logged model's name within its run
@@ -70,7 +70,7 @@ def _quiet_pickle_warning():
     MLflow's warning about serialising arbitrary Python objects does not concern."""
     import logging
 
-    from weakseg.search.tracking import quiet_mlflow
+    from weakseg.tracking.client import quiet_mlflow
 
     return quiet_mlflow(logging.ERROR)
 
@@ -120,7 +120,7 @@ def checkpoint_of_model(model_uri: str, tracking_uri: str | None) -> Path:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise UserError(f"{model_uri}: a models:/ source needs --tracking-uri (or MLFLOW_TRACKING_URI)")
-    from weakseg.search.tracking import check_reachable
+    from weakseg.tracking.client import check_reachable
 
     check_reachable(uri)
     target = Path(tempfile.mkdtemp(prefix="weakseg-model-"))
