@@ -81,11 +81,16 @@ def test_run_folders_are_named_by_config_and_overrides(tmp_path):
 
 
 def test_shipped_recipe_config_is_the_sweeps_recipe():
-    """demo_weak = the demo run + the classification-first phase, the size-aware prior and exp λ = 0.3."""
+    """demo_weak = the demo run + AdamW, the classification-first phase with top-k pooling, the size-aware
+    prior and exp λ = 0.3: the same net, data and schedule as the demo."""
     cfg, demo = load_config("demo_weak"), load_config("demo")
-    assert (cfg.loss.cls_weight, cfg.loss.cls_only_iters, cfg.loss.c_fg_mode) == (1.0, 130, "size")
+    assert (cfg.loss.cls_weight, cfg.loss.cls_pool, cfg.loss.cls_only_iters, cfg.loss.c_fg_mode) == (1.0, "topk", 130,
+                                                                                                     "size")
     assert (cfg.loss.variant, cfg.loss.lam, cfg.loss.grad) == ("exp", 0.3, "detach")
-    assert cfg.model == demo.model and cfg.data == demo.data and cfg.optim == demo.optim
+    assert (cfg.optim.optimizer, cfg.optim.lr_new, cfg.optim.lr_pretrained) == ("adamw", 1e-3, 1e-3)
+    assert cfg.model == demo.model and cfg.data == demo.data
+    assert (cfg.optim.iterations, cfg.optim.lr_step, cfg.optim.batch_size) == (demo.optim.iterations,
+                                                                               demo.optim.lr_step, demo.optim.batch_size)
     assert sweep_module().OBJECT_FRACTION["default"] == cfg.loss.object_fraction
 
 

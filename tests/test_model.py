@@ -150,3 +150,28 @@ def test_upsampled_logits_stay_on_the_cell_grid(H: int, W: int):
     other = torch.nn.functional.interpolate(logits, size=(max(1, H // 8), max(1, W // 8)))
     assert upsample_logits(other, (H, W)).shape == (1, 2, H, W)
     assert upsample_logits(up, (H, W)) is up
+
+
+def test_replicate_padding_leaves_no_border_marker():
+    """On a constant image every pixel of a replicate-padded net sees the same thing: constant logits. Zero
+    padding marks the border (the cue a weakly supervised model can write its classes into)."""
+    torch.manual_seed(0)
+    flat = torch.full((1, 3, 64, 64), 120.0)
+    rep, zero = SegNet("tiny", 21, 16, 4, padding="replicate").eval(), SegNet("tiny", 21, 16, 4).eval()
+    zero.load_state_dict(rep.state_dict())  # same weights: only the padding differs
+    with torch.no_grad():
+        a, b = rep(flat), zero(flat)
+    assert (a - a[..., :1, :1]).abs().max() < 1e-4
+    assert (b - b[..., :1, :1]).abs().max() > 1e-2
+    assert (b[..., 4:-4, 4:-4] - b[..., 8:9, 8:9]).abs().max() > 0  # zeros: the border reaches far in
+
+
+def test_padding_is_part_of_the_self_describing_checkpoint(tmp_path: Path):
+    from weakseg.checkpoint import load_model, model_from_config, save_checkpoint
+    from weakseg.config import load_config
+
+    cfg = load_config("demo", ["model.padding=replicate", "model.decoder_channels=16", "model.skip_channels=4"])
+    save_checkpoint(tmp_path / "m.pt", cfg=cfg, model=model_from_config(cfg, pretrained=False), iteration=0)
+    loaded, _, _ = load_model(tmp_path / "m.pt")
+    modes = {m.padding_mode for m in loaded.modules() if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0)}
+    assert modes == {"replicate"}

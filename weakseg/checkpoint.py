@@ -90,7 +90,8 @@ def model_from_config(cfg: Config, pretrained: bool = True) -> SegNet:
 
     m = cfg.model
     return build_model(
-        m.backbone, m.num_classes, m.decoder_channels, m.skip_channels, m.pretrained if pretrained else "none"
+        m.backbone, m.num_classes, m.decoder_channels, m.skip_channels, m.pretrained if pretrained else "none",
+        m.padding,
     )
 
 

@@ -41,6 +41,11 @@ class ModelConfig:
     num_classes: int = 21
     decoder_channels: int = 256  # width of the stride-16 decoder block; halves at each upsampling
     skip_channels: int = 64  # output channels of the 1x1 skip convolutions
+    # how the 3x3 convolutions pad: "zeros" (the paper's VGG16) or "replicate" (beyond the paper). Zero padding
+    # tells every pixel where the image border is; from image labels alone a model can use that to write a
+    # class it detected anywhere into a fixed strip along a border (results/difficulty.md). Replicate padding
+    # leaves no such marker (Islam et al., "How much position information do CNNs encode?", ICLR 2020).
+    padding: Literal["zeros", "replicate"] = "zeros"
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
 TINY_CFG = (8, "M", 16, "M", 32, 32, "M", 48, 48, "M", 64, 64)
 
 
-def make_vgg_features(cfg: tuple) -> nn.Sequential:
+def make_vgg_features(cfg: tuple, padding: str = "zeros") -> nn.Sequential:
     """VGG-style conv/ReLU/pool stack; indices match torchvision's `vgg16().features`."""
     layers: list[nn.Module] = []
     in_ch = 3
@@ -49,7 +49,7 @@ def make_vgg_features(cfg: tuple) -> nn.Sequential:
         if v == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
-            layers += [nn.Conv2d(in_ch, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(in_ch, v, kernel_size=3, padding=1, padding_mode=padding), nn.ReLU(inplace=True)]
             in_ch = v
     return nn.Sequential(*layers)
 
@@ -76,9 +76,9 @@ class ConvBlock(nn.Sequential):
     cannot absorb a bias; without one every ReLU would threshold at exactly 0.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, padding: str = "zeros"):
         super().__init__(
-            nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2),
+            nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, padding_mode=padding),
             nn.ReLU(inplace=True),
             nn.BatchNorm2d(out_ch),
         )
@@ -91,7 +91,9 @@ class SegNet(nn.Module):
         num_classes: int = 21,
         decoder_channels: int = 256,
         skip_channels: int = 64,
+        padding: str = "zeros",
     ):
+        """`padding`: how every 3x3 convolution pads ("zeros", the paper's, or "replicate")."""
         super().__init__()
         if backbone == "vgg16":
             cfg = VGG16_CFG
@@ -101,16 +103,18 @@ class SegNet(nn.Module):
             raise ValueError(f"unknown backbone {backbone!r} (vgg16 or tiny)")
         self.backbone = backbone
         self.num_classes = num_classes
-        self.encoder = make_vgg_features(cfg)
+        self.encoder = make_vgg_features(cfg, padding)
         taps = stage_taps(cfg)
         self.taps = {s: i for s, (i, _) in taps.items()}
         c4, c8, c16 = taps[4][1], taps[8][1], taps[16][1]
         d16, d8, d4 = decoder_channels, decoder_channels // 2, decoder_channels // 4
         self.skip8 = ConvBlock(c8, skip_channels, kernel_size=1)
         self.skip4 = ConvBlock(c4, skip_channels, kernel_size=1)
-        self.dec16 = ConvBlock(c16, d16)
-        self.dec8 = nn.Sequential(ConvBlock(d16 + skip_channels, d8), ConvBlock(d8, d8))
-        self.dec4 = nn.Sequential(ConvBlock(d8 + skip_channels, d4), ConvBlock(d4, d4))
+        self.dec16 = ConvBlock(c16, d16, padding=padding)
+        self.dec8 = nn.Sequential(ConvBlock(d16 + skip_channels, d8, padding=padding),
+                                  ConvBlock(d8, d8, padding=padding))
+        self.dec4 = nn.Sequential(ConvBlock(d8 + skip_channels, d4, padding=padding),
+                                  ConvBlock(d4, d4, padding=padding))
         self.classifier = nn.Conv2d(d4, num_classes, kernel_size=1)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
@@ -215,8 +219,9 @@ def load_vgg16_encoder(model: SegNet, pretrained: str) -> None:
     model.encoder.load_state_dict({k: feats[k] for k in wanted})
 
 
-def build_model(backbone: str, num_classes: int, decoder_channels: int, skip_channels: int, pretrained: str) -> SegNet:
-    model = SegNet(backbone, num_classes, decoder_channels, skip_channels)
+def build_model(backbone: str, num_classes: int, decoder_channels: int, skip_channels: int, pretrained: str,
+                padding: str = "zeros") -> SegNet:
+    model = SegNet(backbone, num_classes, decoder_channels, skip_channels, padding)
     if pretrained != "none":
         load_vgg16_encoder(model, pretrained)
     return model
