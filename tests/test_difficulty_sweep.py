@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from dataclasses import replace
 
 from weakseg.config import load_config
 
@@ -81,14 +82,15 @@ def test_run_folders_are_named_by_config_and_overrides(tmp_path):
 
 
 def test_shipped_recipe_config_is_the_sweeps_recipe():
-    """demo_weak = the demo run + AdamW, the classification-first phase with top-k pooling, the size-aware
-    prior and exp λ = 0.3: the same net, data and schedule as the demo."""
+    """demo_weak = the demo run + replicate padding, AdamW, the classification-first phase with top-k pooling,
+    the size-aware prior and exp λ = 0.3: otherwise the same net, data and schedule as the demo."""
     cfg, demo = load_config("demo_weak"), load_config("demo")
     assert (cfg.loss.cls_weight, cfg.loss.cls_pool, cfg.loss.cls_only_iters, cfg.loss.c_fg_mode) == (1.0, "topk", 130,
                                                                                                      "size")
     assert (cfg.loss.variant, cfg.loss.lam, cfg.loss.grad) == ("exp", 0.3, "detach")
     assert (cfg.optim.optimizer, cfg.optim.lr_new, cfg.optim.lr_pretrained) == ("adamw", 1e-3, 1e-3)
-    assert cfg.model == demo.model and cfg.data == demo.data
+    assert cfg.model.padding == "replicate" and cfg.model == replace(demo.model, padding="replicate")
+    assert cfg.data == demo.data
     assert (cfg.optim.iterations, cfg.optim.lr_step, cfg.optim.batch_size) == (demo.optim.iterations,
                                                                                demo.optim.lr_step, demo.optim.batch_size)
     assert sweep_module().OBJECT_FRACTION["default"] == cfg.loss.object_fraction
@@ -117,3 +119,20 @@ def test_smoke_run_end_to_end(tmp_path):
     before = (run / "wall_seconds.txt").read_text()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and (run / "wall_seconds.txt").read_text() == before
+
+
+def test_ratios_are_to_the_better_full_supervision_row(tmp_path):
+    """full .6/.8 (mean .7), full_recipe .8 on seed 0 only (mean .8): the recipe's .45 mean is 0.56 × the latter."""
+    m = sweep_module()
+    it = 3000
+    for row, vals in {"full": (0.6, 0.8), "full_recipe": (0.8,), "recipe": (0.42, 0.48)}.items():
+        for seed, v in enumerate(vals):
+            fake_run(m.run_dir(tmp_path, "small", row, seed, it), [ev(it, v)])
+    assert m.run_dir(tmp_path, "small", "full_recipe", 0, it).name == "demo_weak_supervision-full_train.seed-0"
+    results = m.load_results(tmp_path, ["small"], list(m.ROWS), 2, it)
+    text = "\n".join(m.report(results, ["small"], list(m.ROWS), 2))
+    rows = {l.split(" | ")[0].lstrip("| "): l.split(" | ") for l in text.splitlines() if l.startswith("| ")}
+    assert rows["shipped recipe (demo_weak)"][5] == "0.56"  # one seed paired: no range
+    assert rows["full supervision, the recipe's net and optimizer"][1:3] == ["1", "80.0"]
+    assert "relative to full supervision, the recipe's net and optimizer" in text
+    assert "reaches 0.56 × full supervision: meets the target of 0.5 ×" in text
