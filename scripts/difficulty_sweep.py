@@ -192,6 +192,8 @@ def main() -> None:
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for the data generation and every run (e.g. data.synthetic_train=40); "
                         "not part of the run folders' names: change --out and --data with it")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the table from the runs already in --out (a row may have fewer seeds)")
     args = p.parse_args()
     presets, rows = args.presets.split(","), args.rows.split(",")
     for name, given, allowed in (("--presets", presets, PRESETS), ("--rows", rows, tuple(ROWS))):
@@ -206,10 +208,11 @@ def main() -> None:
     from weakseg.data import build
     from weakseg.io import atomic_write_text
 
-    for preset in presets:  # once, before the runs (two runs would otherwise both generate it)
+    for preset in presets if not args.report_only else []:  # once, before the runs (two would both generate it)
         cfg = load_config("demo", common_sets(preset, data, args.iterations, args.extra))
         build.ensure_synthetic(cfg.data)
-    jobs = [(preset, row, seed) for preset in presets for row in rows for seed in range(args.seeds)]
+    jobs = [(preset, row, seed) for preset in presets for row in rows for seed in range(args.seeds)
+            if not args.report_only]
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(
             sb.train_resumable, run_dir(out, preset, row, seed, args.iterations),
@@ -221,7 +224,7 @@ def main() -> None:
     results = load_results(out, presets, rows, args.seeds, args.iterations)
     command = (f"`.venv/bin/python scripts/difficulty_sweep.py --jobs {args.jobs} --iterations {args.iterations} "
                f"--seeds {args.seeds} --presets {args.presets} --rows {args.rows}"
-               + "".join(f" --set {x}" for x in args.extra) + "`")
+               + "".join(f" --set {x}" for x in args.extra) + (" --report-only" if args.report_only else "") + "`")
     lines = [
         "# Weak training across data difficulty",
         "",

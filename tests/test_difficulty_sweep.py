@@ -119,6 +119,14 @@ def test_smoke_run_end_to_end(tmp_path):
     before = (run / "wall_seconds.txt").read_text()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and (run / "wall_seconds.txt").read_text() == before
+    # --report-only with a row and seeds never trained: the table of what exists, no new run folder
+    only = [c if c != "full,recipe" else "full,recipe,recipe_lam0" for c in cmd] + ["--report-only", "--seeds", "2"]
+    r = subprocess.run(only, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(d.name for d in (tmp_path / "runs" / "small").iterdir()) == [
+        "demo_supervision-full_train.seed-0", run.name]
+    text = md.read_text()
+    assert "| shipped recipe (demo_weak) | 1 |" in text and "| shipped recipe, λ = 0 (no neighbourhood loss) |" not in text
 
 
 def test_ratios_are_to_the_better_full_supervision_row(tmp_path):

@@ -457,8 +457,9 @@ def _check_learning(state: TrainState, cfg: Config, scalars: dict[str, float]) -
     scalars.update(flag)
     if reason:
         print(f"weakseg: WARNING: weak training looks collapsed at iteration {state.iteration}: {reason}. "
-              "Try the image-level loss (loss.cls_weight, loss.cls_only_iters), a smaller loss.c_fg or "
-              "loss.c_fg_mode=size, or a pretrained backbone.", file=sys.stderr, flush=True)
+              "From random init, try the recipe of the config demo_weak (the image-level loss with top-k pooling "
+              "first, loss.c_fg_mode=size, model.padding=replicate, optim.optimizer=adamw), a smaller loss.lam, or "
+              "a pretrained backbone.", file=sys.stderr, flush=True)
     auc = scalars.get("val/image_auc", math.nan)
     if l.cls_switch_auc > 0 and in_image_phase(cfg, state) and auc >= l.cls_switch_auc:
         state.image_phase_over = True
