@@ -76,16 +76,18 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 
 
 def load_results(out: Path, presets: list[str], rows: list[str], seeds: int, iterations: int) -> dict:
-    """(preset, row, seed) -> {"rows": evaluations, "seconds": wall time} for the runs that have a metrics.csv."""
+    """(preset, row, seed) -> {"rows": evaluations, "seconds": wall time} for the runs that reached `iterations`
+    (one still training, or stopped, is left out)."""
     found = {}
     for preset in presets:
         for row in rows:
             for seed in range(seeds):
                 d = run_dir(out, preset, row, seed, iterations)
-                if (d / "metrics.csv").is_file():
+                evals = read_metrics(d / "metrics.csv") if (d / "metrics.csv").is_file() else []
+                if evals and int(float(evals[-1]["iteration"])) >= iterations:  # finished runs only
                     clock = d / "wall_seconds.txt"
                     found[(preset, row, seed)] = {
-                        "rows": read_metrics(d / "metrics.csv"),
+                        "rows": evals,
                         "seconds": float(clock.read_text()) if clock.is_file() else math.nan}
     return found
 
@@ -240,7 +242,8 @@ def main() -> None:
           + " ".join(f"`--set {s}`" for s in row_sets(r, presets[0], args.iterations)
                      if not s.startswith("loss.object_fraction"))
           + (f" `--set loss.object_fraction=<preset's object size: "
-             f"{', '.join(f'{k} {v}' for k, v in OBJECT_FRACTION.items())}>`" if ROWS[r][1] == "demo_weak" else "")
+             f"{', '.join(f'{k} {v}' for k, v in OBJECT_FRACTION.items())}>`"
+             if ROWS[r][1] == "demo_weak" and r not in FULL else "")
           for r in rows],
         "",
         "Values: the last evaluation, mean over seeds (min–max over seeds) in %; image AUC: mean over classes of "

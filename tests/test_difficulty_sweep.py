@@ -136,6 +136,7 @@ def test_ratios_are_to_the_better_full_supervision_row(tmp_path):
     for row, vals in {"full": (0.6, 0.8), "full_recipe": (0.8,), "recipe": (0.42, 0.48)}.items():
         for seed, v in enumerate(vals):
             fake_run(m.run_dir(tmp_path, "small", row, seed, it), [ev(it, v)])
+    fake_run(m.run_dir(tmp_path, "small", "recipe_lam0", 0, it), [ev(1500, 0.3)])  # still training: left out
     assert m.run_dir(tmp_path, "small", "full_recipe", 0, it).name == "demo_weak_supervision-full_train.seed-0"
     results = m.load_results(tmp_path, ["small"], list(m.ROWS), 2, it)
     text = "\n".join(m.report(results, ["small"], list(m.ROWS), 2))
@@ -144,3 +145,4 @@ def test_ratios_are_to_the_better_full_supervision_row(tmp_path):
     assert rows["full supervision, the recipe's net and optimizer"][1:3] == ["1", "80.0"]
     assert "relative to full supervision, the recipe's net and optimizer" in text
     assert "reaches 0.56 × full supervision: meets the target of 0.5 ×" in text
+    assert "| shipped recipe, λ = 0 (no neighbourhood loss) |" not in text and len(results) == 4
