@@ -234,7 +234,10 @@ def main() -> None:
         "",
         f"Every run: `weakseg train CONFIG` (demo net, random init, the synthetic VOC-layout set of its preset) "
         f"for {args.iterations} iterations, lr halved every {max(args.iterations // 3, 1)}, val evaluated every "
-        f"{sb.EVAL_EVERY}; {args.jobs} run(s) at a time, one thread each; train.seed 0..{args.seeds - 1}. "
+        f"{sb.EVAL_EVERY}; "
+        + ("trained by earlier calls of this script (subsets of rows and presets, two or three runs at a time)"
+           if args.report_only else f"{args.jobs} run(s) at a time")
+        + f", one thread each; train.seed 0..{args.seeds - 1} (the seeds column: how many finished). "
         "Common overrides: `" + " ".join(f"--set {s}" for s in sb.COMMON) + " --set data.root=DATA/<preset> "
         "--set data.synthetic_preset=<preset>`. Rows (their run folders are named by the overrides):",
         "",
