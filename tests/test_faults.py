@@ -308,7 +308,11 @@ def test_trial_on_a_killed_worker_node_resumes_on_the_surviving_node(tmp_path: P
     before = [r["iteration"] for r in rows if r["node_id"] == worker_node]
     after = [r["iteration"] for r in rows if r["node_id"] == head_node]
     assert before and after and rows[-1]["iteration"] == iterations
-    assert after[0] == before[-1] + 2  # the next evaluation after the last checkpoint: nothing redone, nothing skipped
+    # the next evaluation after the last checkpoint: nothing skipped, not restarted from scratch. A node killed
+    # while a report is in flight may lose that report's checkpoint though its row reached result.json, and the
+    # trial then redoes that one evaluation (Ray delivers it at least once): before[-1] again, never more.
+    redo = after[0] == before[-1]
+    assert after[0] == before[-1] + 2 or (redo and after[0] > 2), (before, after)
     lam = next(r["config"]["loss.lam"] for r in rows)
     calls = steps_by_lam(tmp_path)[lam]
     tries = attempts(calls)
@@ -316,7 +320,7 @@ def test_trial_on_a_killed_worker_node_resumes_on_the_surviving_node(tmp_path: P
     resumed = [c for c in calls if c["sid"] == head_sid]
     assert {c["sid"] for c in calls} == {worker_sid, head_sid}
     # the head picked up at the worker's last checkpoint: its iteration, not 0
-    assert tries[1][0] == resumed[0]["it"] == before[-1] and resumed[0]["t"] > killed_at
+    assert tries[1][0] == resumed[0]["it"] == before[-1] - (2 if redo else 0) > 0 and resumed[0]["t"] > killed_at
     assert ray_trials(exp)[lam]["num_failures"] == 1 and ray_trials(exp)[lam]["status"] == "TERMINATED"
 
     client, parents, by_lam = child_runs(tmp_path / "results" / "mlflow.db", "nodekill")
@@ -324,4 +328,4 @@ def test_trial_on_a_killed_worker_node_resumes_on_the_surviving_node(tmp_path: P
     assert sorted(by_lam) == [0.25, 0.75] and len(by_lam[lam]) == 1  # exactly one run for the killed trial
     run = by_lam[lam][0]
     assert run.info.status == "FINISHED" and run.data.tags["weakseg.outcome"] == "completed"
-    assert steps(client, run, "val/miou") == list(range(2, iterations + 1, 2))
+    assert sorted(set(steps(client, run, "val/miou"))) == list(range(2, iterations + 1, 2))
